@@ -1,0 +1,443 @@
+/*
+ * Accumulator: float64 sums and row counts per (slot, group), where a slot is one
+ * hooked layer and a group is positive / negative. Sums and counts merge by addition,
+ * which is what makes batching, distributed all-reduce and resuming exact.
+ *
+ * Thread use: the reduction runs without the GIL. A busy flag, read and written only
+ * with the GIL held, refuses a second thread that touches the same accumulator while
+ * a reduction is in flight (different accumulators never interfere).
+ */
+#include "core.h"
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    int64_t num_slots;
+    int64_t num_groups;
+    int64_t hidden;
+    double *sums;     /* [num_slots][num_groups][hidden] */
+    int64_t *counts;  /* [num_slots][num_groups] */
+    double *scratch;  /* [hidden], for masked means */
+    RowPlan batch;    /* set by set_batch; batch.groups == NULL when unset */
+    int busy;
+} Accumulator;
+
+int accumulator_numpy_import(void)
+{
+    return _import_array();
+}
+
+int accumulator_check(PyObject *obj, PyTypeObject *type)
+{
+    return Py_IS_TYPE(obj, type);
+}
+
+static int64_t state_size(const Accumulator *self)
+{
+    return self->num_slots * self->num_groups * self->hidden;
+}
+
+static int enter(Accumulator *self)
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Accumulator is in use by another thread; give each thread its own");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------ construction */
+
+static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"num_slots", "hidden", "num_groups", NULL};
+    Py_ssize_t num_slots, hidden, num_groups = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nn|n:Accumulator", keywords, &num_slots,
+                                     &hidden, &num_groups))
+        return NULL;
+    if (num_slots < 1 || hidden < 1 || num_groups < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "num_slots, hidden and num_groups must be >= 1 (got %zd, %zd, %zd)",
+                     num_slots, hidden, num_groups);
+        return NULL;
+    }
+    if (num_slots > (PY_SSIZE_T_MAX / 16) / num_groups / hidden) {
+        PyErr_SetString(PyExc_OverflowError, "Accumulator state would be too large");
+        return NULL;
+    }
+    Accumulator *self = (Accumulator *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->num_slots = num_slots;
+    self->num_groups = num_groups;
+    self->hidden = hidden;
+    self->sums = PyMem_RawCalloc((size_t)state_size(self), sizeof(double));
+    self->counts = PyMem_RawCalloc((size_t)(num_slots * num_groups), sizeof(int64_t));
+    self->scratch = PyMem_RawCalloc((size_t)hidden, sizeof(double));
+    if (self->sums == NULL || self->counts == NULL || self->scratch == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static void Accumulator_dealloc(Accumulator *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyMem_RawFree(self->sums);
+    PyMem_RawFree(self->counts);
+    PyMem_RawFree(self->scratch);
+    row_plan_free(&self->batch);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* --------------------------------------------------------------- reduction */
+
+static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan,
+                         PyObject *activations)
+{
+    if (slot < 0 || slot >= self->num_slots) {
+        PyErr_Format(PyExc_IndexError, "slot %zd is out of range for %lld slots", slot,
+                     (long long)self->num_slots);
+        return -1;
+    }
+    TensorView act;
+    if (tensor_view_acquire(activations, "activations", &act) < 0)
+        return -1;
+    if (row_plan_check(plan, &act, self->hidden) < 0) {
+        tensor_view_release(&act);
+        return -1;
+    }
+    double *sums = self->sums + slot * self->num_groups * self->hidden;
+    int64_t *counts = self->counts + slot * self->num_groups;
+    double *scratch = self->scratch;
+    int64_t hidden = self->hidden;
+    Py_BEGIN_ALLOW_THREADS
+    reduce_rows(&act, plan, hidden, sums, counts, scratch);
+    Py_END_ALLOW_THREADS
+    tensor_view_release(&act);
+    return 0;
+}
+
+int accumulator_add_batch(PyObject *obj, Py_ssize_t slot, PyObject *activations)
+{
+    Accumulator *self = (Accumulator *)obj;
+    if (self->batch.groups == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Accumulator has no batch: call set_batch() before the forward");
+        return -1;
+    }
+    if (enter(self) < 0)
+        return -1;
+    int status = add_with_plan(self, slot, &self->batch, activations);
+    self->busy = 0;
+    return status;
+}
+
+PyDoc_STRVAR(add_doc,
+"add($self, /, slot, activations, groups, *, index=None, mask=None)\n--\n\n"
+"Add rows of `activations` to slot `slot`.\n\n"
+"groups: int [batch], the group of each row (-1 skips it).\n"
+"index:  int [batch], the token read from each row of a [batch, seq, hidden] tensor.\n"
+"mask:   int/bool [batch, seq], the tokens averaged for each row.\n"
+"Without index or mask, activations are [batch, hidden] rows.");
+
+static PyObject *Accumulator_add(Accumulator *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"slot", "activations", "groups", "index", "mask", NULL};
+    Py_ssize_t slot;
+    PyObject *activations, *groups, *index = Py_None, *mask = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOO|$OO:add", keywords, &slot, &activations,
+                                     &groups, &index, &mask))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    RowPlan plan;
+    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
+    if (status == 0) {
+        status = add_with_plan(self, slot, &plan, activations);
+        row_plan_free(&plan);
+    }
+    self->busy = 0;
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_batch_doc,
+"set_batch($self, /, groups, *, index=None, mask=None)\n--\n\n"
+"Set the row plan that add_batch() and CaptureHook use for the next forward.");
+
+static PyObject *Accumulator_set_batch(Accumulator *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"groups", "index", "mask", NULL};
+    PyObject *groups, *index = Py_None, *mask = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_batch", keywords, &groups, &index,
+                                     &mask))
+        return NULL;
+    if (enter(self) < 0)
+        return NULL;
+    RowPlan plan;
+    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
+    if (status == 0) {
+        row_plan_free(&self->batch);
+        self->batch = plan;
+    }
+    self->busy = 0;
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Accumulator_clear_batch(Accumulator *self, PyObject *Py_UNUSED(ignored))
+{
+    if (enter(self) < 0)
+        return NULL;
+    row_plan_free(&self->batch);
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(add_batch_doc,
+"add_batch($self, slot, activations, /)\n--\n\n"
+"Add `activations` to slot `slot` with the plan given to set_batch().");
+
+static PyObject *Accumulator_add_batch_method(Accumulator *self, PyObject *args)
+{
+    Py_ssize_t slot;
+    PyObject *activations;
+    if (!PyArg_ParseTuple(args, "nO:add_batch", &slot, &activations))
+        return NULL;
+    if (accumulator_add_batch((PyObject *)self, slot, activations) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------- state */
+
+PyDoc_STRVAR(state_doc,
+"state($self, /)\n--\n\n"
+"Return (sums, counts) as new NumPy arrays: float64 [slots, groups, hidden] and\n"
+"int64 [slots, groups].");
+
+static PyObject *Accumulator_state(Accumulator *self, PyObject *Py_UNUSED(ignored))
+{
+    if (enter(self) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    npy_intp sum_dims[3] = {self->num_slots, self->num_groups, self->hidden};
+    npy_intp count_dims[2] = {self->num_slots, self->num_groups};
+    PyObject *sums = PyArray_SimpleNew(3, sum_dims, NPY_FLOAT64);
+    PyObject *counts = PyArray_SimpleNew(2, count_dims, NPY_INT64);
+    if (sums != NULL && counts != NULL) {
+        memcpy(PyArray_DATA((PyArrayObject *)sums), self->sums,
+               (size_t)state_size(self) * sizeof(double));
+        memcpy(PyArray_DATA((PyArrayObject *)counts), self->counts,
+               (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
+        result = PyTuple_Pack(2, sums, counts);
+    }
+    Py_XDECREF(sums);
+    Py_XDECREF(counts);
+    self->busy = 0;
+    return result;
+}
+
+/* Checks that `view` has exactly the given shape. */
+static int expect_shape(const TensorView *view, const char *what, int ndim, const int64_t *shape)
+{
+    int ok = view->ndim == ndim;
+    for (int d = 0; ok && d < ndim; d++)
+        ok = view->shape[d] == shape[d];
+    if (!ok) {
+        if (ndim == 3)
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld, %lld)", what,
+                         (long long)shape[0], (long long)shape[1], (long long)shape[2]);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld)", what,
+                         (long long)shape[0], (long long)shape[1]);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(load_state_doc,
+"load_state($self, sums, counts, /)\n--\n\n"
+"Replace the state with `sums` (float64 [slots, groups, hidden]) and `counts`\n"
+"(integer [slots, groups]), e.g. after an all-reduce across processes.");
+
+static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
+{
+    PyObject *sums_obj, *counts_obj;
+    if (!PyArg_ParseTuple(args, "OO:load_state", &sums_obj, &counts_obj))
+        return NULL;
+    TensorView sums = {0}, counts = {0};
+    PyObject *result = NULL;
+    int64_t sum_shape[3] = {self->num_slots, self->num_groups, self->hidden};
+    int64_t count_shape[2] = {self->num_slots, self->num_groups};
+    if (enter(self) < 0)
+        return NULL;
+    if (tensor_view_acquire(sums_obj, "sums", &sums) < 0)
+        goto finally;
+    if (tensor_view_acquire(counts_obj, "counts", &counts) < 0)
+        goto finally;
+    if (sums.dtype != RS_F64) {
+        PyErr_Format(PyExc_TypeError, "sums must be float64, not %s", rs_dtype_name(sums.dtype));
+        goto finally;
+    }
+    if (tensor_view_is_float(&counts)) {
+        PyErr_Format(PyExc_TypeError, "counts must be integers, not %s",
+                     rs_dtype_name(counts.dtype));
+        goto finally;
+    }
+    if (expect_shape(&sums, "sums", 3, sum_shape) < 0 ||
+        expect_shape(&counts, "counts", 2, count_shape) < 0)
+        goto finally;
+    for (int64_t s = 0; s < self->num_slots; s++) {
+        for (int64_t g = 0; g < self->num_groups; g++) {
+            int64_t n = tensor_view_int_at(&counts, s * counts.strides[0] + g * counts.strides[1]);
+            if (n < 0) {
+                PyErr_Format(PyExc_ValueError, "counts[%lld, %lld] is negative", (long long)s,
+                             (long long)g);
+                goto finally;
+            }
+            self->counts[s * self->num_groups + g] = n;
+        }
+    }
+    for (int64_t s = 0; s < self->num_slots; s++)
+        for (int64_t g = 0; g < self->num_groups; g++)
+            for (int64_t h = 0; h < self->hidden; h++) {
+                int64_t offset = s * sums.strides[0] + g * sums.strides[1] + h * sums.strides[2];
+                memcpy(&self->sums[(s * self->num_groups + g) * self->hidden + h],
+                       sums.data + offset * 8, 8);
+            }
+    result = Py_NewRef(Py_None);
+finally:
+    tensor_view_release(&sums);
+    tensor_view_release(&counts);
+    self->busy = 0;
+    return result;
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge($self, other, /)\n--\n\n"
+"Add the sums and counts of `other` (an Accumulator of the same shape) to this one.");
+
+static PyObject *Accumulator_merge(Accumulator *self, PyObject *other_obj)
+{
+    if (!Py_IS_TYPE(other_obj, Py_TYPE(self))) {
+        PyErr_Format(PyExc_TypeError, "other must be an Accumulator, not %.200s",
+                     Py_TYPE(other_obj)->tp_name);
+        return NULL;
+    }
+    Accumulator *other = (Accumulator *)other_obj;
+    if (other->num_slots != self->num_slots || other->num_groups != self->num_groups ||
+        other->hidden != self->hidden) {
+        PyErr_Format(PyExc_ValueError,
+                     "other has shape (%lld slots, %lld groups, hidden %lld), expected "
+                     "(%lld, %lld, %lld)",
+                     (long long)other->num_slots, (long long)other->num_groups,
+                     (long long)other->hidden, (long long)self->num_slots,
+                     (long long)self->num_groups, (long long)self->hidden);
+        return NULL;
+    }
+    if (other == self) {
+        PyErr_SetString(PyExc_ValueError, "cannot merge an Accumulator into itself");
+        return NULL;
+    }
+    if (other->busy || enter(self) < 0) {
+        if (other->busy)
+            PyErr_SetString(PyExc_RuntimeError, "other Accumulator is in use by another thread");
+        return NULL;
+    }
+    for (int64_t i = 0; i < state_size(self); i++)
+        self->sums[i] += other->sums[i];
+    for (int64_t i = 0; i < self->num_slots * self->num_groups; i++)
+        self->counts[i] += other->counts[i];
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Accumulator_reset(Accumulator *self, PyObject *Py_UNUSED(ignored))
+{
+    if (enter(self) < 0)
+        return NULL;
+    memset(self->sums, 0, (size_t)state_size(self) * sizeof(double));
+    memset(self->counts, 0, (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------- type */
+
+static PyObject *Accumulator_get_num_slots(Accumulator *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->num_slots);
+}
+
+static PyObject *Accumulator_get_num_groups(Accumulator *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->num_groups);
+}
+
+static PyObject *Accumulator_get_hidden(Accumulator *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->hidden);
+}
+
+static PyObject *Accumulator_get_batch_rows(Accumulator *self, void *Py_UNUSED(closure))
+{
+    if (self->batch.groups == NULL)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(self->batch.rows);
+}
+
+static PyGetSetDef Accumulator_getset[] = {
+    {"num_slots", (getter)Accumulator_get_num_slots, NULL, "Number of slots (hooked layers).", NULL},
+    {"num_groups", (getter)Accumulator_get_num_groups, NULL, "Number of row groups.", NULL},
+    {"hidden", (getter)Accumulator_get_hidden, NULL, "Width of each row.", NULL},
+    {"batch_rows", (getter)Accumulator_get_batch_rows, NULL,
+     "Rows in the current batch plan, or None.", NULL},
+    {NULL},
+};
+
+static PyMethodDef Accumulator_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Accumulator_add, METH_VARARGS | METH_KEYWORDS, add_doc},
+    {"set_batch", (PyCFunction)(void (*)(void))Accumulator_set_batch,
+     METH_VARARGS | METH_KEYWORDS, set_batch_doc},
+    {"clear_batch", (PyCFunction)Accumulator_clear_batch, METH_NOARGS,
+     "clear_batch($self, /)\n--\n\nForget the current batch plan."},
+    {"add_batch", (PyCFunction)Accumulator_add_batch_method, METH_VARARGS, add_batch_doc},
+    {"state", (PyCFunction)Accumulator_state, METH_NOARGS, state_doc},
+    {"load_state", (PyCFunction)Accumulator_load_state, METH_VARARGS, load_state_doc},
+    {"merge", (PyCFunction)Accumulator_merge, METH_O, merge_doc},
+    {"reset", (PyCFunction)Accumulator_reset, METH_NOARGS,
+     "reset($self, /)\n--\n\nSet every sum and count to zero."},
+    {NULL},
+};
+
+PyDoc_STRVAR(Accumulator_doc,
+"Accumulator(num_slots, hidden, num_groups=2)\n--\n\n"
+"Float64 sums and row counts per (slot, group) for mean-difference vectors.");
+
+static PyType_Slot Accumulator_slots[] = {
+    {Py_tp_new, Accumulator_new},
+    {Py_tp_dealloc, Accumulator_dealloc},
+    {Py_tp_methods, Accumulator_methods},
+    {Py_tp_getset, Accumulator_getset},
+    {Py_tp_doc, (void *)Accumulator_doc},
+    {0, NULL},
+};
+
+PyType_Spec accumulator_spec = {
+    .name = "rotalabs_steer._core.Accumulator",
+    .basicsize = sizeof(Accumulator),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Accumulator_slots,
+};

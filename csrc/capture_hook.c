@@ -1,0 +1,191 @@
+/*
+ * CaptureHook: the callable registered with nn.Module.register_forward_hook on a
+ * decoder block. It hands the block output straight to its Accumulator (no Python
+ * per row, no copy of [batch, seq, hidden]) and, on the deepest requested block,
+ * raises StopForward so the rest of the model and the LM head never run.
+ *
+ * Tensors the CPU cannot read (CUDA, MPS, ...) go to `device_rows`, a Python callable
+ * that selects rows on the device and keeps them for one host transfer per batch.
+ */
+#include "core.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *accumulator;
+    Py_ssize_t slot;
+    int stop;
+    PyObject *device_rows; /* callable(slot, tensor) or None */
+    Py_ssize_t calls;
+} CaptureHook;
+
+static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"accumulator", "slot", "stop", "device_rows", NULL};
+    PyObject *accumulator, *device_rows = Py_None;
+    Py_ssize_t slot;
+    int stop = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|$pO:CaptureHook", keywords, &accumulator,
+                                     &slot, &stop, &device_rows))
+        return NULL;
+    CoreState *state = core_state_from_type(type);
+    if (state == NULL)
+        return NULL;
+    if (!accumulator_check(accumulator, state->accumulator_type)) {
+        PyErr_Format(PyExc_TypeError, "accumulator must be an Accumulator, not %.200s",
+                     Py_TYPE(accumulator)->tp_name);
+        return NULL;
+    }
+    if (device_rows != Py_None && !PyCallable_Check(device_rows)) {
+        PyErr_SetString(PyExc_TypeError, "device_rows must be callable or None");
+        return NULL;
+    }
+    CaptureHook *self = (CaptureHook *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->accumulator = Py_NewRef(accumulator);
+    self->slot = slot;
+    self->stop = stop;
+    self->device_rows = Py_NewRef(device_rows);
+    return (PyObject *)self;
+}
+
+static int CaptureHook_traverse(CaptureHook *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->accumulator);
+    Py_VISIT(self->device_rows);
+    return 0;
+}
+
+static int CaptureHook_clear(CaptureHook *self)
+{
+    Py_CLEAR(self->accumulator);
+    Py_CLEAR(self->device_rows);
+    return 0;
+}
+
+static void CaptureHook_dealloc(CaptureHook *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    CaptureHook_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* 1 when the CPU can read `tensor` directly, 0 when not, -1 on error. */
+static int host_readable(PyObject *tensor)
+{
+    PyObject *device = PyObject_CallMethod(tensor, "__dlpack_device__", NULL);
+    if (device == NULL)
+        return -1;
+    long device_type = -1;
+    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) >= 1)
+        device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+    Py_DECREF(device);
+    if (device_type == -1 && PyErr_Occurred())
+        return -1;
+    return device_type == kDLCPU || device_type == kDLCUDAHost || device_type == kDLCUDAManaged;
+}
+
+/* hook(module, args, output) or hook(module, args, kwargs, output): output is last. */
+static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *kwargs)
+{
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "CaptureHook takes positional arguments only");
+        return NULL;
+    }
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs != 3 && nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "CaptureHook expects (module, args, output) or (module, args, kwargs, "
+                     "output), got %zd arguments",
+                     nargs);
+        return NULL;
+    }
+    self->calls++;
+    PyObject *output = PyTuple_GET_ITEM(args, nargs - 1);
+    PyObject *activations = output;
+    if (PyTuple_Check(output) || PyList_Check(output)) {
+        if (PySequence_Fast_GET_SIZE(output) == 0) {
+            PyErr_SetString(PyExc_ValueError, "the hooked module returned an empty tuple");
+            return NULL;
+        }
+        activations = PySequence_Fast_GET_ITEM(output, 0);
+    }
+    int direct = 1;
+    if (self->device_rows != Py_None) {
+        direct = host_readable(activations);
+        if (direct < 0)
+            return NULL;
+    }
+    if (direct) {
+        if (accumulator_add_batch(self->accumulator, self->slot, activations) < 0)
+            return NULL;
+    }
+    else {
+        PyObject *r = PyObject_CallFunction(self->device_rows, "nO", self->slot, activations);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    if (self->stop) {
+        CoreState *state = core_state_from_type(Py_TYPE(self));
+        if (state == NULL)
+            return NULL;
+        PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *CaptureHook_get_calls(CaptureHook *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->calls);
+}
+
+static PyObject *CaptureHook_get_slot(CaptureHook *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->slot);
+}
+
+static PyObject *CaptureHook_get_stop(CaptureHook *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->stop);
+}
+
+static PyObject *CaptureHook_get_accumulator(CaptureHook *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->accumulator);
+}
+
+static PyGetSetDef CaptureHook_getset[] = {
+    {"calls", (getter)CaptureHook_get_calls, NULL, "How many times the hook has run.", NULL},
+    {"slot", (getter)CaptureHook_get_slot, NULL, "The accumulator slot this hook fills.", NULL},
+    {"stop", (getter)CaptureHook_get_stop, NULL, "Whether the hook ends the forward.", NULL},
+    {"accumulator", (getter)CaptureHook_get_accumulator, NULL, "The Accumulator fed.", NULL},
+    {NULL},
+};
+
+PyDoc_STRVAR(CaptureHook_doc,
+"CaptureHook(accumulator, slot, *, stop=False, device_rows=None)\n--\n\n"
+"Forward hook that adds a block's output to `accumulator` slot `slot` with the\n"
+"accumulator's current batch plan, then raises StopForward when `stop` is true.");
+
+static PyType_Slot CaptureHook_slots[] = {
+    {Py_tp_new, CaptureHook_new},
+    {Py_tp_dealloc, CaptureHook_dealloc},
+    {Py_tp_traverse, CaptureHook_traverse},
+    {Py_tp_clear, CaptureHook_clear},
+    {Py_tp_call, CaptureHook_call},
+    {Py_tp_getset, CaptureHook_getset},
+    {Py_tp_doc, (void *)CaptureHook_doc},
+    {0, NULL},
+};
+
+PyType_Spec capture_hook_spec = {
+    .name = "rotalabs_steer._core.CaptureHook",
+    .basicsize = sizeof(CaptureHook),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = CaptureHook_slots,
+};

@@ -1,0 +1,113 @@
+/*
+ * Declarations shared by the C files of rotalabs_steer._core.
+ *
+ *   tensor_view.c   DLPack import: any producer's tensor as a host-readable view
+ *   row_plan.c      which rows of a batch go where (groups, token index or mask)
+ *   reduce.c        dtype-specific row sums into float64 (no Python, no GIL)
+ *   accumulator.c   the Accumulator type: per-slot float64 sums and counts
+ *   capture_hook.c  the CaptureHook type: a forward hook feeding an Accumulator
+ *   module.c        module state, init, and the small module-level functions
+ */
+#ifndef ROTALABS_STEER_CORE_H
+#define ROTALABS_STEER_CORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#include "dlpack.h"
+
+/* ------------------------------------------------------------------ module */
+
+typedef struct {
+    PyTypeObject *accumulator_type;
+    PyTypeObject *capture_hook_type;
+    PyObject *stop_forward; /* exception class raised to end a forward early */
+} CoreState;
+
+CoreState *core_state_from_type(PyTypeObject *type);
+
+/* ------------------------------------------------------------- tensor view */
+
+#define RS_MAX_NDIM 8
+
+typedef enum {
+    RS_F16,
+    RS_BF16,
+    RS_F32,
+    RS_F64,
+    RS_I8,
+    RS_I16,
+    RS_I32,
+    RS_I64,
+    RS_U8,
+    RS_BOOL,
+} RsDtype;
+
+/* A borrowed DLPack tensor, owned until tensor_view_release(). */
+typedef struct {
+    const char *data;          /* data + byte_offset; may be NULL when numel == 0 */
+    int32_t ndim;
+    int64_t shape[RS_MAX_NDIM];
+    int64_t strides[RS_MAX_NDIM]; /* in elements, filled in when the producer gave NULL */
+    int64_t numel;
+    RsDtype dtype;
+    int itemsize;
+    int device_type;
+    /* ownership: exactly one of the two managed pointers is set once owned */
+    DLManagedTensorVersioned *versioned;
+    DLManagedTensor *legacy;
+} TensorView;
+
+/* Fills `view` from an object with __dlpack__ (or a DLPack capsule). Returns 0, or -1
+ * with an exception set and nothing left to release. `what` names the argument in errors. */
+int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view);
+/* Calls the producer's deleter exactly once; safe on a zeroed view. GIL held. */
+void tensor_view_release(TensorView *view);
+int tensor_view_is_float(const TensorView *view);
+const char *rs_dtype_name(RsDtype dtype);
+/* Reads element `offset` (in elements from view->data) of an integer or bool view. */
+int64_t tensor_view_int_at(const TensorView *view, int64_t offset);
+
+/* ---------------------------------------------------------------- row plan */
+
+/* Which rows of an activation batch feed which group, and which tokens of each row. */
+typedef enum { RS_ROWS = 0, RS_INDEX = 1, RS_MASK = 2 } RsSelect;
+
+typedef struct {
+    RsSelect select;
+    int64_t rows;
+    int64_t seq;            /* mask width; 0 unless RS_MASK */
+    int64_t *groups;        /* [rows], -1 skips a row */
+    int64_t *index;         /* [rows], RS_INDEX only */
+    uint8_t *mask;          /* [rows * seq], RS_MASK only */
+    int64_t *mask_tokens;   /* [rows], number of set mask entries per row */
+} RowPlan;
+
+/* Builds a plan from Python objects (index and mask may be Py_None / NULL). */
+int row_plan_build(RowPlan *plan, PyObject *groups, PyObject *index, PyObject *mask,
+                   int64_t num_groups);
+void row_plan_free(RowPlan *plan);
+/* Checks an activation view against a plan: shapes, index range, hidden size. */
+int row_plan_check(const RowPlan *plan, const TensorView *act, int64_t hidden);
+
+/* ------------------------------------------------------------------ reduce */
+
+/* Adds the selected rows of `act` into sums[group * hidden + h] (float64) and counts[group].
+ * `scratch` holds `hidden` doubles. Pure C: called with the GIL released after
+ * row_plan_check() succeeded. */
+void reduce_rows(const TensorView *act, const RowPlan *plan, int64_t hidden,
+                 double *sums, int64_t *counts, double *scratch);
+
+/* ------------------------------------------------------------- accumulator */
+
+extern PyType_Spec accumulator_spec;
+/* Adds `activations` for `slot` using the batch set by Accumulator.set_batch. */
+int accumulator_add_batch(PyObject *self, Py_ssize_t slot, PyObject *activations);
+int accumulator_check(PyObject *obj, PyTypeObject *type);
+
+/* ------------------------------------------------------------ capture hook */
+
+extern PyType_Spec capture_hook_spec;
+
+#endif /* ROTALABS_STEER_CORE_H */

@@ -1,0 +1,284 @@
+/*
+ * DLPack consumer: turns any producer's tensor (torch, NumPy, a raw capsule) into a
+ * TensorView the reduction can read without the GIL. Follows the consumer rules in
+ * DESIGN.md: ask for a versioned capsule, fall back to legacy on TypeError only, take
+ * ownership by renaming the capsule, and call the producer's deleter exactly once.
+ */
+#include "core.h"
+
+#include <string.h>
+
+static const char VERSIONED_NAME[] = "dltensor_versioned";
+static const char VERSIONED_USED[] = "used_dltensor_versioned";
+static const char LEGACY_NAME[] = "dltensor";
+static const char LEGACY_USED[] = "used_dltensor";
+
+const char *rs_dtype_name(RsDtype dtype)
+{
+    switch (dtype) {
+    case RS_F16: return "float16";
+    case RS_BF16: return "bfloat16";
+    case RS_F32: return "float32";
+    case RS_F64: return "float64";
+    case RS_I8: return "int8";
+    case RS_I16: return "int16";
+    case RS_I32: return "int32";
+    case RS_I64: return "int64";
+    case RS_U8: return "uint8";
+    case RS_BOOL: return "bool";
+    }
+    return "?";
+}
+
+static const char *device_name(int device_type)
+{
+    switch (device_type) {
+    case kDLCPU: return "cpu";
+    case kDLCUDA: return "cuda";
+    case kDLCUDAHost: return "cuda_host";
+    case kDLOpenCL: return "opencl";
+    case kDLVulkan: return "vulkan";
+    case kDLMetal: return "metal (mps)";
+    case kDLVPI: return "vpi";
+    case kDLROCM: return "rocm";
+    case kDLROCMHost: return "rocm_host";
+    case kDLExtDev: return "ext_dev";
+    case kDLCUDAManaged: return "cuda_managed";
+    case kDLOneAPI: return "oneapi (xpu)";
+    case kDLWebGPU: return "webgpu";
+    case kDLHexagon: return "hexagon";
+    case kDLMAIA: return "maia";
+    }
+    return "unknown";
+}
+
+/* Maps a DLPack dtype to ours; -1 when this extension does not read it. */
+static int map_dtype(DLDataType dt, RsDtype *out, int *itemsize)
+{
+    if (dt.lanes != 1)
+        return -1;
+    switch (dt.code) {
+    case kDLFloat:
+        if (dt.bits == 16) { *out = RS_F16; *itemsize = 2; return 0; }
+        if (dt.bits == 32) { *out = RS_F32; *itemsize = 4; return 0; }
+        if (dt.bits == 64) { *out = RS_F64; *itemsize = 8; return 0; }
+        return -1;
+    case kDLBfloat:
+        if (dt.bits == 16) { *out = RS_BF16; *itemsize = 2; return 0; }
+        return -1;
+    case kDLInt:
+        if (dt.bits == 8) { *out = RS_I8; *itemsize = 1; return 0; }
+        if (dt.bits == 16) { *out = RS_I16; *itemsize = 2; return 0; }
+        if (dt.bits == 32) { *out = RS_I32; *itemsize = 4; return 0; }
+        if (dt.bits == 64) { *out = RS_I64; *itemsize = 8; return 0; }
+        return -1;
+    case kDLUInt:
+        if (dt.bits == 8) { *out = RS_U8; *itemsize = 1; return 0; }
+        return -1;
+    case kDLBool:
+        if (dt.bits == 8) { *out = RS_BOOL; *itemsize = 1; return 0; }
+        return -1;
+    }
+    return -1;
+}
+
+int tensor_view_is_float(const TensorView *view)
+{
+    return view->dtype == RS_F16 || view->dtype == RS_BF16 || view->dtype == RS_F32 ||
+           view->dtype == RS_F64;
+}
+
+void tensor_view_release(TensorView *view)
+{
+    if (view->versioned != NULL) {
+        DLManagedTensorVersioned *managed = view->versioned;
+        view->versioned = NULL;
+        if (managed->deleter != NULL)
+            managed->deleter(managed);
+    }
+    if (view->legacy != NULL) {
+        DLManagedTensor *managed = view->legacy;
+        view->legacy = NULL;
+        if (managed->deleter != NULL)
+            managed->deleter(managed);
+    }
+}
+
+/* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
+ * predates the keyword (TypeError only). Returns a new reference or NULL. */
+static PyObject *request_capsule(PyObject *obj, const char *what)
+{
+    if (PyCapsule_CheckExact(obj))
+        return Py_NewRef(obj);
+
+    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    if (method == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be a tensor or array that supports DLPack (torch.Tensor, "
+                     "numpy.ndarray), not %.200s",
+                     what, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyObject *capsule = NULL;
+    PyObject *kwargs = Py_BuildValue("{s:(ii)}", "max_version", RS_DLPACK_MAJOR, RS_DLPACK_MINOR);
+    if (kwargs != NULL) {
+        PyObject *empty = PyTuple_New(0);
+        if (empty != NULL) {
+            capsule = PyObject_Call(method, empty, kwargs);
+            Py_DECREF(empty);
+        }
+        Py_DECREF(kwargs);
+        if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            capsule = PyObject_CallNoArgs(method);
+        }
+    }
+    Py_DECREF(method);
+    if (capsule != NULL && !PyCapsule_CheckExact(capsule)) {
+        PyErr_Format(PyExc_TypeError, "%s.__dlpack__() returned %.200s, not a capsule", what,
+                     Py_TYPE(capsule)->tp_name);
+        Py_CLEAR(capsule);
+    }
+    return capsule;
+}
+
+/* Validates the DLTensor of an owned view and fills in the fields. -1 with error set. */
+static int describe(const DLTensor *t, const char *what, TensorView *view)
+{
+    if (map_dtype(t->dtype, &view->dtype, &view->itemsize) < 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s has an unsupported dtype (DLPack code %u, %u bits, %u lanes); "
+                     "expected float16, bfloat16, float32 or float64 activations, or "
+                     "integer/bool indices and masks",
+                     what, (unsigned)t->dtype.code, (unsigned)t->dtype.bits,
+                     (unsigned)t->dtype.lanes);
+        return -1;
+    }
+    view->device_type = t->device.device_type;
+    if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost &&
+        t->device.device_type != kDLCUDAManaged) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s is on device '%s' (DLPack device type %d), which the CPU cannot "
+                     "read; move it to the CPU first",
+                     what, device_name(t->device.device_type), t->device.device_type);
+        return -1;
+    }
+    if (t->ndim < 0 || t->ndim > RS_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "%s has %d dimensions; at most %d are supported", what,
+                     (int)t->ndim, RS_MAX_NDIM);
+        return -1;
+    }
+    if (t->ndim > 0 && t->shape == NULL) {
+        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has a NULL shape", what);
+        return -1;
+    }
+    view->ndim = t->ndim;
+    int64_t numel = 1;
+    for (int32_t d = 0; d < t->ndim; d++) {
+        int64_t n = t->shape[d];
+        if (n < 0) {
+            PyErr_Format(PyExc_BufferError, "%s: DLPack shape[%d] is negative (%lld)", what,
+                         (int)d, (long long)n);
+            return -1;
+        }
+        view->shape[d] = n;
+        if (n != 0 && numel > INT64_MAX / n) {
+            PyErr_Format(PyExc_BufferError, "%s: DLPack shape overflows int64", what);
+            return -1;
+        }
+        numel *= n;
+    }
+    view->numel = numel;
+    int64_t running = 1;
+    for (int32_t d = t->ndim - 1; d >= 0; d--) {
+        view->strides[d] = t->strides != NULL ? t->strides[d] : running;
+        running *= view->shape[d] > 0 ? view->shape[d] : 1;
+    }
+    if (numel == 0) {
+        view->data = NULL;
+        return 0;
+    }
+    if (t->data == NULL) {
+        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor with %lld elements has NULL data",
+                     what, (long long)numel);
+        return -1;
+    }
+    const char *data = (const char *)t->data + t->byte_offset;
+    if ((uintptr_t)data % (uintptr_t)view->itemsize != 0) {
+        PyErr_Format(PyExc_BufferError, "%s: data pointer is not aligned to its %d-byte dtype",
+                     what, view->itemsize);
+        return -1;
+    }
+    view->data = data;
+    return 0;
+}
+
+int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view)
+{
+    memset(view, 0, sizeof(*view));
+    PyObject *capsule = request_capsule(obj, what);
+    if (capsule == NULL)
+        return -1;
+
+    const char *name = PyCapsule_GetName(capsule);
+    if (name == NULL && PyErr_Occurred())
+        goto error;
+    const DLTensor *tensor = NULL;
+    if (name != NULL && strcmp(name, VERSIONED_NAME) == 0) {
+        DLManagedTensorVersioned *managed = PyCapsule_GetPointer(capsule, VERSIONED_NAME);
+        if (managed == NULL)
+            goto error;
+        if (managed->version.major != RS_DLPACK_MAJOR) {
+            /* Unknown ABI: read nothing else; dropping the capsule lets its destructor free it. */
+            PyErr_Format(PyExc_BufferError,
+                         "%s: unsupported DLPack major version %u (this build reads %d.x)", what,
+                         (unsigned)managed->version.major, RS_DLPACK_MAJOR);
+            goto error;
+        }
+        if (PyCapsule_SetName(capsule, VERSIONED_USED) < 0)
+            goto error;
+        view->versioned = managed;
+        tensor = &managed->dl_tensor;
+    }
+    else if (name != NULL && strcmp(name, LEGACY_NAME) == 0) {
+        DLManagedTensor *managed = PyCapsule_GetPointer(capsule, LEGACY_NAME);
+        if (managed == NULL)
+            goto error;
+        if (PyCapsule_SetName(capsule, LEGACY_USED) < 0)
+            goto error;
+        view->legacy = managed;
+        tensor = &managed->dl_tensor;
+    }
+    else {
+        PyErr_Format(PyExc_BufferError,
+                     "%s: expected a DLPack capsule named 'dltensor_versioned' or 'dltensor', "
+                     "got '%s' (a capsule can be consumed only once)",
+                     what, name != NULL ? name : "(null)");
+        goto error;
+    }
+    Py_DECREF(capsule);
+    if (describe(tensor, what, view) < 0) {
+        tensor_view_release(view);
+        return -1;
+    }
+    return 0;
+
+error:
+    Py_DECREF(capsule);
+    return -1;
+}
+
+int64_t tensor_view_int_at(const TensorView *view, int64_t offset)
+{
+    const char *p = view->data + offset * view->itemsize;
+    switch (view->dtype) {
+    case RS_I8: { int8_t v; memcpy(&v, p, 1); return v; }
+    case RS_I16: { int16_t v; memcpy(&v, p, 2); return v; }
+    case RS_I32: { int32_t v; memcpy(&v, p, 4); return v; }
+    case RS_I64: { int64_t v; memcpy(&v, p, 8); return v; }
+    case RS_U8:
+    case RS_BOOL: { uint8_t v; memcpy(&v, p, 1); return v; }
+    default: return 0;
+    }
+}
