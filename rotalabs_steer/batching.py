@@ -1,0 +1,105 @@
+"""Texts to padded token batches: tokenize once, bucket by length, pad on the right.
+
+Padding is always on the right and done here, whatever the tokenizer's
+``padding_side``: with causal attention, real tokens never see right padding, so
+every row equals its unpadded forward and absolute positions (GPT-2, OPT) stay right.
+The tokenizer itself is never modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+POSITIVE, NEGATIVE = 0, 1
+TOKEN_POSITIONS = ("last", "first", "mean")
+
+
+@dataclass
+class TokenBatch:
+    """One forward's worth of rows: right-padded ids, mask, and what to read from each row."""
+
+    input_ids: torch.Tensor       # [batch, seq] int64
+    attention_mask: torch.Tensor  # [batch, seq] int64, 1 for real tokens
+    groups: torch.Tensor          # [batch] int64: POSITIVE, NEGATIVE, or -1 (skip)
+    read_index: torch.Tensor | None  # [batch] int64, token read per row ("last"/"first"/explicit)
+    lengths: torch.Tensor         # [batch] int64, real tokens per row
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, exactly as ``tokenizer(text, truncation=True, max_length=...)``."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    at_limit = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
+    if at_limit:
+        full = tokenizer([texts[i] for i in at_limit], truncation=False)["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in full)
+        if truncated:
+            warnings.warn(
+                f"{truncated} text(s) are longer than max_length={max_length} tokens and were "
+                "truncated (as the reference implementation does)",
+                stacklevel=3,
+            )
+    for i, ids in enumerate(encoded):
+        if len(ids) == 0:
+            raise ValueError(f"contrast_pairs: text {i} ({texts[i]!r}) produced no tokens")
+    return [list(ids) for ids in encoded]
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """The id used for right padding: pad, else EOS (padded positions are masked anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def make_batches(
+    token_ids: Sequence[Sequence[int]],
+    groups: Sequence[int],
+    token_position: str,
+    batch_size: int,
+    pad_id: int | None,
+    read_indices: Sequence[int] | None = None,
+) -> Iterator[TokenBatch]:
+    """Bucket rows by length (longest first, so memory peaks on the first batch) and pad.
+
+    ``read_indices`` gives an explicit token per row; negative values count from the end
+    of the row's real tokens.
+    """
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        lengths = [len(token_ids[i]) for i in rows]
+        width = max(lengths)
+        if pad_id is None and min(lengths) != width:
+            raise ValueError(
+                "tokenizer has neither pad_token_id nor eos_token_id, needed to pad batches; "
+                "set tokenizer.pad_token (any token works: padding is masked) or use batch_size=1"
+            )
+        ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : lengths[r]] = torch.as_tensor(token_ids[i], dtype=torch.long)
+            mask[r, : lengths[r]] = 1
+        length_tensor = torch.as_tensor(lengths, dtype=torch.long)
+        if read_indices is not None:
+            read = torch.as_tensor([read_indices[i] for i in rows], dtype=torch.long)
+            read = torch.where(read < 0, read + length_tensor, read)
+        elif token_position == "last":
+            read = length_tensor - 1
+        elif token_position == "first":
+            read = torch.zeros(len(rows), dtype=torch.long)
+        else:
+            read = None
+        yield TokenBatch(ids, mask, torch.as_tensor([groups[i] for i in rows], dtype=torch.long),
+                         read, length_tensor)

@@ -1,0 +1,139 @@
+"""Finding the decoder blocks of a HuggingFace model, and resolving layer indices.
+
+Layer ``i`` always means the output of decoder block ``i`` (0-based): for every block
+but the last that is ``hidden_states[i + 1]`` of ``output_hidden_states=True``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+# Where the common architectures keep their blocks, most common first.
+KNOWN_BLOCK_PATHS = (
+    "model.layers",                      # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Cohere, GPT-OSS
+    "model.language_model.layers",       # vision-language wrappers (Llava, Gemma 3, Qwen2-VL, ...)
+    "language_model.model.layers",       # older vision-language wrappers
+    "transformer.h",                     # GPT-2, GPT-J, Falcon, BLOOM, CodeGen
+    "gpt_neox.layers",                   # GPT-NeoX, Pythia
+    "model.decoder.layers",              # OPT
+    "transformer.blocks",                # MPT
+    "transformer.layers",
+    "layers",                            # a bare decoder (LlamaModel, Qwen2Model, ...)
+    "h",                                 # a bare GPT2Model
+    "decoder.layers",                    # a bare OPTModel
+)
+
+
+@dataclass(frozen=True)
+class DecoderBlocks:
+    """The blocks of a model in order, and the module path they were found at."""
+
+    modules: tuple[nn.Module, ...]
+    path: str | None
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _num_layers_in_config(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_decoder_blocks(
+    model: nn.Module, layer_modules: str | Sequence[nn.Module] | None = None
+) -> DecoderBlocks:
+    """The decoder blocks of ``model``.
+
+    ``layer_modules`` overrides discovery: a path template such as ``"model.layers.{i}"``
+    or an explicit sequence of modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if layer_modules is not None:
+        return _blocks_from_override(model, layer_modules)
+    for path in KNOWN_BLOCK_PATHS:
+        module = _get_submodule(model, path)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return DecoderBlocks(tuple(module), path)
+    # Unknown layout: the ModuleList whose length matches the configured layer count.
+    expected = _num_layers_in_config(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and expected is not None and len(module) == expected:
+            return DecoderBlocks(tuple(module), name)
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}: tried "
+        f"{', '.join(KNOWN_BLOCK_PATHS)} and any ModuleList of length "
+        f"{expected if expected is not None else '<num_hidden_layers>'}; pass "
+        "layer_modules='path.to.layers.{i}' or a list of the block modules"
+    )
+
+
+def _blocks_from_override(model: nn.Module, layer_modules: str | Sequence[nn.Module]) -> DecoderBlocks:
+    if isinstance(layer_modules, str):
+        template = layer_modules
+        if "{i}" not in template:
+            raise ValueError(f"layer_modules template must contain '{{i}}', got {template!r}")
+        modules = []
+        while (module := _get_submodule(model, template.format(i=len(modules)))) is not None:
+            modules.append(module)
+        if not modules:
+            raise ValueError(f"layer_modules template {template!r} matches no module of the model")
+        return DecoderBlocks(tuple(modules), template.removesuffix(".{i}"))
+    modules = tuple(layer_modules)
+    if not modules or not all(isinstance(m, nn.Module) for m in modules):
+        raise TypeError("layer_modules must be a path template or a non-empty list of nn.Module")
+    return DecoderBlocks(modules, None)
+
+
+def resolve_layer_indices(layer_indices: Sequence[int], num_layers: int, name: str = "layer_indices") -> list[int]:
+    """Validate layer indices (Python-style negatives allowed) and return them non-negative."""
+    if isinstance(layer_indices, (str, bytes)) or not hasattr(layer_indices, "__iter__"):
+        raise TypeError(f"{name} must be a list of ints, not {type(layer_indices).__name__}")
+    resolved = []
+    for raw in layer_indices:
+        if isinstance(raw, bool):
+            raise TypeError(f"{name} must contain ints, got {raw!r}")
+        try:
+            index = operator.index(raw)
+        except TypeError:
+            raise TypeError(f"{name} must contain ints, got {raw!r} ({type(raw).__name__})") from None
+        if not -num_layers <= index < num_layers:
+            raise IndexError(f"{name}: layer {index} is out of range for a model with {num_layers} blocks")
+        resolved.append(index % num_layers)
+    if not resolved:
+        raise ValueError(f"{name} must name at least one layer")
+    duplicates = sorted({i for i in resolved if resolved.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{name} names layer(s) {duplicates} more than once")
+    return resolved
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """Width of the residual stream."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "embedding_dim"):
+        return int(embeddings.embedding_dim)
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")

@@ -1,0 +1,261 @@
+"""SteeringVector and SteeringVectorSet: the extracted directions and their files.
+
+Files: ``NAME.safetensors`` (the tensor) beside ``NAME.json`` (everything else). The
+reference package's layout (``NAME.json`` + ``NAME.pt``) loads too, through
+``torch.load(weights_only=True)``, so no file can run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 2
+_TENSOR_KEY = "vector"
+
+
+@dataclass
+class SteeringVector:
+    """A direction in the output space of one decoder block, for one behaviour."""
+
+    behavior: str
+    layer_index: int
+    vector: torch.Tensor
+    model_name: str
+    extraction_method: str = "caa"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, torch.Tensor):
+            raise TypeError(f"vector must be a torch.Tensor, not {type(self.vector).__name__}")
+        if self.vector.ndim != 1:
+            raise ValueError(f"vector must be 1-D [hidden], got shape {tuple(self.vector.shape)}")
+        if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int):
+            raise TypeError(f"layer_index must be an int, not {type(self.layer_index).__name__}")
+        self.metadata.setdefault("created_at", datetime.now().isoformat())
+
+    @property
+    def norm(self) -> float:
+        """L2 norm of the vector."""
+        return float(self.vector.double().norm())
+
+    @property
+    def dim(self) -> int:
+        """Hidden size the vector lives in."""
+        return int(self.vector.shape[-1])
+
+    def _replace(self, vector: torch.Tensor, **extra_metadata: Any) -> SteeringVector:
+        return SteeringVector(
+            behavior=self.behavior,
+            layer_index=self.layer_index,
+            vector=vector,
+            model_name=self.model_name,
+            extraction_method=self.extraction_method,
+            metadata={**self.metadata, **extra_metadata},
+        )
+
+    def normalize(self) -> SteeringVector:
+        """Copy with unit L2 norm."""
+        norm = self.norm
+        if norm == 0.0 or not math.isfinite(norm):
+            raise ValueError(f"cannot normalize a vector of norm {norm}")
+        return self._replace(self.vector / norm, normalized=True)
+
+    def scale(self, factor: float) -> SteeringVector:
+        """Copy multiplied by ``factor``."""
+        return self._replace(self.vector * factor, scale_factor=factor)
+
+    def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+        """Copy on another device and/or dtype (same arguments as ``torch.Tensor.to``)."""
+        return self._replace(self.vector.to(*args, **kwargs))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` and ``path.json`` (any suffix of ``path`` is replaced)."""
+        base = _strip_suffix(Path(path))
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tensor = self.vector.detach().to("cpu").contiguous()
+        save_file({_TENSOR_KEY: tensor}, str(base.with_suffix(".safetensors")))
+        sidecar = {
+            "format": "rotalabs_steer",
+            "format_version": FORMAT_VERSION,
+            "behavior": self.behavior,
+            "layer_index": self.layer_index,
+            "model_name": self.model_name,
+            "extraction_method": self.extraction_method,
+            "metadata": self.metadata,
+            "vector_shape": list(tensor.shape),
+            "vector_dtype": str(tensor.dtype).removeprefix("torch."),
+        }
+        with open(base.with_suffix(".json"), "w", encoding="utf-8") as f:
+            json.dump(sidecar, f, indent=2, allow_nan=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringVector:
+        """Read a vector saved by ``save`` (or by the reference package: ``.json`` + ``.pt``)."""
+        base = _strip_suffix(Path(path))
+        meta_path = base.with_suffix(".json")
+        sidecar = _read_sidecar(meta_path)
+        vector = _read_tensor(base)
+        expected = sidecar.get("vector_shape")
+        if expected is not None and list(vector.shape) != list(expected):
+            raise ValueError(
+                f"{base}: tensor has shape {list(vector.shape)} but {meta_path.name} says {expected}"
+            )
+        return cls(
+            behavior=sidecar["behavior"],
+            layer_index=sidecar["layer_index"],
+            vector=vector,
+            model_name=sidecar["model_name"],
+            extraction_method=sidecar.get("extraction_method", "caa"),
+            metadata=sidecar.get("metadata", {}),
+        )
+
+
+def _strip_suffix(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix in (".json", ".pt", ".safetensors") else path
+
+
+def _read_sidecar(meta_path: Path) -> dict[str, Any]:
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            sidecar = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no steering-vector metadata at {meta_path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(sidecar, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object")
+    for key, kind in (("behavior", str), ("layer_index", int), ("model_name", str)):
+        value = sidecar.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{meta_path}: field {key!r} must be a {kind.__name__}, got {value!r}")
+    if not isinstance(sidecar.get("metadata", {}), dict):
+        raise ValueError(f"{meta_path}: field 'metadata' must be an object")
+    return sidecar
+
+
+def _read_tensor(base: Path) -> torch.Tensor:
+    st_path, pt_path = base.with_suffix(".safetensors"), base.with_suffix(".pt")
+    if st_path.exists():
+        try:
+            tensors = load_file(str(st_path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from None
+        if set(tensors) != {_TENSOR_KEY}:
+            raise ValueError(f"{st_path}: expected one tensor named {_TENSOR_KEY!r}, found {sorted(tensors)}")
+        vector = tensors[_TENSOR_KEY]
+    elif pt_path.exists():
+        try:
+            # weights_only: a .pt file is a pickle, and only plain tensors may come out of it
+            vector = torch.load(pt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+            raise ValueError(f"{pt_path}: not a loadable tensor file ({type(e).__name__}: {e})") from None
+    else:
+        raise FileNotFoundError(f"no steering-vector tensor at {st_path} or {pt_path}")
+    if not isinstance(vector, torch.Tensor) or vector.ndim != 1 or not vector.is_floating_point():
+        raise ValueError(f"{base}: expected a 1-D floating-point tensor")
+    return vector
+
+
+class SteeringVectorSet:
+    """Vectors for one behaviour, one per layer."""
+
+    def __init__(self, behavior: str, vectors: list[SteeringVector] | None = None):
+        self.behavior = behavior
+        self._vectors: dict[int, SteeringVector] = {}
+        for vector in vectors or []:
+            self.add(vector)
+
+    def add(self, vector: SteeringVector) -> None:
+        """Add (or replace) the vector of ``vector.layer_index``."""
+        if not isinstance(vector, SteeringVector):
+            raise TypeError(f"vector must be a SteeringVector, not {type(vector).__name__}")
+        if vector.behavior != self.behavior:
+            raise ValueError(f"vector behavior {vector.behavior!r} != set behavior {self.behavior!r}")
+        self._vectors[vector.layer_index] = vector
+
+    def get(self, layer_index: int) -> SteeringVector | None:
+        """The vector of a layer, or None."""
+        return self._vectors.get(layer_index)
+
+    def get_best(self, metric: str = "norm") -> SteeringVector:
+        """The vector that scores highest on ``metric``; ``"norm"`` is the reference's."""
+        if not self._vectors:
+            raise ValueError("get_best() on an empty SteeringVectorSet")
+        if metric == "norm":
+            return max(self._vectors.values(), key=lambda v: v.norm)
+        raise ValueError(f"unknown metric {metric!r}; expected 'norm'")
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer indices that have a vector, sorted."""
+        return sorted(self._vectors)
+
+    @property
+    def model_name(self) -> str | None:
+        """Model name of the vectors, or None for an empty set."""
+        return next(iter(self._vectors.values())).model_name if self._vectors else None
+
+    def to(self, *args: Any, **kwargs: Any) -> SteeringVectorSet:
+        """Copy with every vector moved (same arguments as ``torch.Tensor.to``)."""
+        return SteeringVectorSet(self.behavior, [v.to(*args, **kwargs) for v in self])
+
+    def save(self, dir_path: str | Path) -> None:
+        """Write ``layer_{i}.safetensors`` / ``layer_{i}.json`` per layer and ``metadata.json``."""
+        directory = Path(dir_path)
+        directory.mkdir(parents=True, exist_ok=True)
+        for layer in self.layers:
+            self._vectors[layer].save(directory / f"layer_{layer}")
+        meta = {"behavior": self.behavior, "layers": self.layers, "model_name": self.model_name}
+        with open(directory / "metadata.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, dir_path: str | Path) -> SteeringVectorSet:
+        """Read a directory written by ``save`` (ours or the reference package's)."""
+        directory = Path(dir_path)
+        meta_path = directory / "metadata.json"
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no metadata.json in {directory}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+        layers = meta.get("layers") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("behavior"), str) or not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            raise ValueError(f"{meta_path}: expected {{'behavior': str, 'layers': [int, ...]}}")
+        vector_set = cls(meta["behavior"])
+        for layer in layers:
+            vector = SteeringVector.load(directory / f"layer_{layer}")
+            if vector.layer_index != layer:
+                raise ValueError(f"{directory}/layer_{layer}.json has layer_index {vector.layer_index}")
+            vector_set.add(vector)
+        return vector_set
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __iter__(self) -> Iterator[SteeringVector]:
+        return iter(self._vectors.values())
+
+    def __contains__(self, layer_index: object) -> bool:
+        return layer_index in self._vectors
+
+    def __getitem__(self, layer_index: int) -> SteeringVector:
+        if layer_index not in self._vectors:
+            raise KeyError(f"no vector for layer {layer_index}; layers: {self.layers}")
+        return self._vectors[layer_index]
+
+    def __repr__(self) -> str:
+        return f"SteeringVectorSet(behavior={self.behavior!r}, layers={self.layers})"
