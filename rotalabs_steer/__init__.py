@@ -5,11 +5,14 @@ forward for all layers and reduces block outputs in C (``rotalabs_steer._core``)
 """
 
 from .configs import MODEL_CONFIGS, ModelConfig, get_model_config, infer_model_config
+from .steering import ActivationInjector, MultiVectorInjector
 from .vectors import SteeringVector, SteeringVectorSet
 
 __version__ = "2.0.0.dev0"
 
 __all__ = [
+    "ActivationInjector",
+    "MultiVectorInjector",
     "MODEL_CONFIGS",
     "ModelConfig",
     "SteeringVector",
