@@ -45,7 +45,8 @@ static int enter(Accumulator *self)
 {
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "Accumulator is in use by another thread; give each thread its own");
+                        "Accumulator is already in use (by another thread, or re-entrantly from a "
+                        "callback); give each thread its own");
         return -1;
     }
     self->busy = 1;

@@ -79,9 +79,13 @@ static int host_readable(PyObject *tensor)
     PyObject *device = PyObject_CallMethod(tensor, "__dlpack_device__", NULL);
     if (device == NULL)
         return -1;
-    long device_type = -1;
-    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) >= 1)
-        device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+    if (!PyTuple_Check(device) || PyTuple_GET_SIZE(device) < 1) {
+        PyErr_Format(PyExc_TypeError, "__dlpack_device__() returned %.200s, not a (type, id) tuple",
+                     Py_TYPE(device)->tp_name);
+        Py_DECREF(device);
+        return -1;
+    }
+    long device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
     Py_DECREF(device);
     if (device_type == -1 && PyErr_Occurred())
         return -1;
@@ -113,30 +117,32 @@ static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *k
         }
         activations = PySequence_Fast_GET_ITEM(output, 0);
     }
+    /* Own it: the Python code called below (__dlpack__, device_rows) may drop the list. */
+    Py_INCREF(activations);
+    PyObject *result = NULL;
     int direct = 1;
-    if (self->device_rows != Py_None) {
-        direct = host_readable(activations);
-        if (direct < 0)
-            return NULL;
-    }
+    if (self->device_rows != Py_None && (direct = host_readable(activations)) < 0)
+        goto finally;
     if (direct) {
         if (accumulator_add_batch(self->accumulator, self->slot, activations) < 0)
-            return NULL;
+            goto finally;
     }
     else {
         PyObject *r = PyObject_CallFunction(self->device_rows, "nO", self->slot, activations);
         if (r == NULL)
-            return NULL;
+            goto finally;
         Py_DECREF(r);
     }
     if (self->stop) {
         CoreState *state = core_state_from_type(Py_TYPE(self));
-        if (state == NULL)
-            return NULL;
-        PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
-        return NULL;
+        if (state != NULL)
+            PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
+        goto finally;
     }
-    Py_RETURN_NONE;
+    result = Py_NewRef(Py_None);
+finally:
+    Py_DECREF(activations);
+    return result;
 }
 
 static PyObject *CaptureHook_get_calls(CaptureHook *self, void *Py_UNUSED(closure))

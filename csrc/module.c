@@ -24,7 +24,7 @@ CoreState *core_state_from_type(PyTypeObject *type)
 PyDoc_STRVAR(dlpack_info_doc,
 "dlpack_info(tensor, /)\n--\n\n"
 "Import `tensor` through DLPack and describe it: a dict with dtype, shape, strides\n"
-"(in elements), device_type, byte_offset_aligned and versioned. The producer's\n"
+"(in elements), device_type and versioned. The producer's\n"
 "deleter has run by the time this returns.");
 
 static PyObject *dlpack_info(PyObject *Py_UNUSED(module), PyObject *tensor)

@@ -6,6 +6,7 @@
  */
 #include "core.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static const char VERSIONED_NAME[] = "dltensor_versioned";
@@ -52,6 +53,34 @@ static const char *device_name(int device_type)
     return "unknown";
 }
 
+/* Names a DLPack dtype for error messages, e.g. "complex64", "float8 (DLPack code 10)". */
+static void describe_dtype(DLDataType dt, char *out, size_t size)
+{
+    const char *base = NULL;
+    switch (dt.code) {
+    case kDLInt: base = "int"; break;
+    case kDLUInt: base = "uint"; break;
+    case kDLFloat: base = "float"; break;
+    case kDLBfloat: base = "bfloat"; break;
+    case kDLComplex: base = "complex"; break;
+    case kDLBool: base = "bool"; break;
+    case kDLOpaqueHandle: base = "opaque handle"; break;
+    }
+    int n;
+    if (base != NULL)
+        n = snprintf(out, size, "%s%u", base, (unsigned)dt.bits);
+    else if (dt.code >= 7 && dt.code <= 14)
+        n = snprintf(out, size, "float8 (DLPack code %u)", (unsigned)dt.code);
+    else if (dt.code >= 15 && dt.code <= 16)
+        n = snprintf(out, size, "float6 (DLPack code %u)", (unsigned)dt.code);
+    else if (dt.code == 17)
+        n = snprintf(out, size, "float4 (DLPack code %u)", (unsigned)dt.code);
+    else
+        n = snprintf(out, size, "unknown (DLPack code %u, %u bits)", (unsigned)dt.code, (unsigned)dt.bits);
+    if (dt.lanes != 1 && n >= 0 && (size_t)n < size)
+        snprintf(out + n, size - (size_t)n, " x%u lanes", (unsigned)dt.lanes);
+}
+
 /* Maps a DLPack dtype to ours; -1 when this extension does not read it. */
 static int map_dtype(DLDataType dt, RsDtype *out, int *itemsize)
 {
@@ -90,6 +119,9 @@ int tensor_view_is_float(const TensorView *view)
 
 void tensor_view_release(TensorView *view)
 {
+    /* A producer's deleter may run Python code; keep any pending error out of its way. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
     if (view->versioned != NULL) {
         DLManagedTensorVersioned *managed = view->versioned;
         view->versioned = NULL;
@@ -102,6 +134,7 @@ void tensor_view_release(TensorView *view)
         if (managed->deleter != NULL)
             managed->deleter(managed);
     }
+    PyErr_Restore(type, value, traceback);
 }
 
 /* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
@@ -147,12 +180,12 @@ static PyObject *request_capsule(PyObject *obj, const char *what)
 static int describe(const DLTensor *t, const char *what, TensorView *view)
 {
     if (map_dtype(t->dtype, &view->dtype, &view->itemsize) < 0) {
+        char name[64];
+        describe_dtype(t->dtype, name, sizeof(name));
         PyErr_Format(PyExc_TypeError,
-                     "%s has an unsupported dtype (DLPack code %u, %u bits, %u lanes); "
-                     "expected float16, bfloat16, float32 or float64 activations, or "
-                     "integer/bool indices and masks",
-                     what, (unsigned)t->dtype.code, (unsigned)t->dtype.bits,
-                     (unsigned)t->dtype.lanes);
+                     "%s has dtype %s, which is not supported; expected float16, bfloat16, "
+                     "float32 or float64 activations, or integer/bool indices and masks",
+                     what, name);
         return -1;
     }
     view->device_type = t->device.device_type;
