@@ -1,7 +1,9 @@
 /*
  * Accumulator: float64 sums and row counts per (slot, group), where a slot is one
- * hooked layer and a group is positive / negative. Sums and counts merge by addition,
- * which is what makes batching, distributed all-reduce and resuming exact.
+ * hooked layer and a group is positive / negative (or a fold of either). Sums and counts
+ * merge by addition, which is what makes batching, distributed all-reduce and resuming
+ * exact. A bounded reservoir sample of rows per slot feeds separation metrics; it is
+ * local to this accumulator (merge and load_state leave it alone).
  *
  * Thread use: the reduction runs without the GIL. A busy flag, read and written only
  * with the GIL held, refuses a second thread that touches the same accumulator while
@@ -21,9 +23,16 @@ typedef struct {
     int64_t hidden;
     double *sums;     /* [num_slots][num_groups][hidden] */
     int64_t *counts;  /* [num_slots][num_groups] */
-    double *scratch;  /* [hidden], for masked means */
+    double *scratch;  /* [hidden], one selected row */
     RowPlan batch;    /* set by set_batch; batch.groups == NULL when unset */
     int busy;
+    /* Reservoir sample of selected rows per slot (sample_rows == 0: none). */
+    int64_t sample_rows;
+    double *samples;        /* [num_slots][sample_rows][hidden] */
+    int64_t *sample_groups; /* [num_slots][sample_rows] */
+    int64_t *sample_seen;   /* [num_slots] */
+    uint64_t seed;
+    uint64_t rng;
 } Accumulator;
 
 int accumulator_numpy_import(void)
@@ -57,10 +66,11 @@ static int enter(Accumulator *self)
 
 static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"num_slots", "hidden", "num_groups", NULL};
-    Py_ssize_t num_slots, hidden, num_groups = 2;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nn|n:Accumulator", keywords, &num_slots,
-                                     &hidden, &num_groups))
+    static char *keywords[] = {"num_slots", "hidden", "num_groups", "sample_rows", "seed", NULL};
+    Py_ssize_t num_slots, hidden, num_groups = 2, sample_rows = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nn|n$nK:Accumulator", keywords, &num_slots,
+                                     &hidden, &num_groups, &sample_rows, &seed))
         return NULL;
     if (num_slots < 1 || hidden < 1 || num_groups < 1) {
         PyErr_Format(PyExc_ValueError,
@@ -68,7 +78,12 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
                      num_slots, hidden, num_groups);
         return NULL;
     }
-    if (num_slots > (PY_SSIZE_T_MAX / 16) / num_groups / hidden) {
+    if (sample_rows < 0) {
+        PyErr_Format(PyExc_ValueError, "sample_rows must be >= 0, got %zd", sample_rows);
+        return NULL;
+    }
+    if (num_slots > (PY_SSIZE_T_MAX / 16) / num_groups / hidden ||
+        (sample_rows > 0 && num_slots > (PY_SSIZE_T_MAX / 16) / sample_rows / hidden)) {
         PyErr_SetString(PyExc_OverflowError, "Accumulator state would be too large");
         return NULL;
     }
@@ -81,7 +96,13 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
     self->sums = PyMem_RawCalloc((size_t)state_size(self), sizeof(double));
     self->counts = PyMem_RawCalloc((size_t)(num_slots * num_groups), sizeof(int64_t));
     self->scratch = PyMem_RawCalloc((size_t)hidden, sizeof(double));
-    if (self->sums == NULL || self->counts == NULL || self->scratch == NULL) {
+    self->sample_rows = sample_rows;
+    self->seed = self->rng = seed;
+    self->samples = PyMem_RawCalloc((size_t)(num_slots * sample_rows * hidden) + 1, sizeof(double));
+    self->sample_groups = PyMem_RawCalloc((size_t)(num_slots * sample_rows) + 1, sizeof(int64_t));
+    self->sample_seen = PyMem_RawCalloc((size_t)num_slots, sizeof(int64_t));
+    if (self->sums == NULL || self->counts == NULL || self->scratch == NULL ||
+        self->samples == NULL || self->sample_groups == NULL || self->sample_seen == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -94,6 +115,9 @@ static void Accumulator_dealloc(Accumulator *self)
     PyMem_RawFree(self->sums);
     PyMem_RawFree(self->counts);
     PyMem_RawFree(self->scratch);
+    PyMem_RawFree(self->samples);
+    PyMem_RawFree(self->sample_groups);
+    PyMem_RawFree(self->sample_seen);
     row_plan_free(&self->batch);
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
@@ -120,8 +144,15 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
     int64_t *counts = self->counts + slot * self->num_groups;
     double *scratch = self->scratch;
     int64_t hidden = self->hidden;
+    RowSample sample = {
+        .capacity = self->sample_rows,
+        .seen = self->sample_seen + slot,
+        .rows = self->samples + slot * self->sample_rows * hidden,
+        .groups = self->sample_groups + slot * self->sample_rows,
+        .rng = &self->rng,
+    };
     Py_BEGIN_ALLOW_THREADS
-    reduce_rows(&act, plan, hidden, sums, counts, scratch);
+    reduce_rows(&act, plan, hidden, sums, counts, scratch, &sample);
     Py_END_ALLOW_THREADS
     tensor_view_release(&act);
     return 0;
@@ -365,12 +396,52 @@ static PyObject *Accumulator_merge(Accumulator *self, PyObject *other_obj)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(samples_doc,
+"samples($self, slot, /)\n--\n\n"
+"Return (rows, groups) of the reservoir sample of `slot`: float64 [n, hidden] and\n"
+"int64 [n], n = min(rows offered, sample_rows). Every selected row has the same chance\n"
+"of being kept; the sample is reproducible for a given seed and row order.");
+
+static PyObject *Accumulator_samples(Accumulator *self, PyObject *arg)
+{
+    Py_ssize_t slot = PyLong_AsSsize_t(arg);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= self->num_slots) {
+        PyErr_Format(PyExc_IndexError, "slot %zd is out of range for %lld slots", slot,
+                     (long long)self->num_slots);
+        return NULL;
+    }
+    if (enter(self) < 0)
+        return NULL;
+    int64_t seen = self->sample_seen[slot];
+    npy_intp n = seen < self->sample_rows ? seen : self->sample_rows;
+    npy_intp row_dims[2] = {n, self->hidden};
+    PyObject *rows = PyArray_SimpleNew(2, row_dims, NPY_FLOAT64);
+    PyObject *groups = PyArray_SimpleNew(1, &n, NPY_INT64);
+    PyObject *result = NULL;
+    if (rows != NULL && groups != NULL) {
+        memcpy(PyArray_DATA((PyArrayObject *)rows),
+               self->samples + slot * self->sample_rows * self->hidden,
+               (size_t)(n * self->hidden) * sizeof(double));
+        memcpy(PyArray_DATA((PyArrayObject *)groups), self->sample_groups + slot * self->sample_rows,
+               (size_t)n * sizeof(int64_t));
+        result = PyTuple_Pack(2, rows, groups);
+    }
+    Py_XDECREF(rows);
+    Py_XDECREF(groups);
+    self->busy = 0;
+    return result;
+}
+
 static PyObject *Accumulator_reset(Accumulator *self, PyObject *Py_UNUSED(ignored))
 {
     if (enter(self) < 0)
         return NULL;
     memset(self->sums, 0, (size_t)state_size(self) * sizeof(double));
     memset(self->counts, 0, (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
+    memset(self->sample_seen, 0, (size_t)self->num_slots * sizeof(int64_t));
+    self->rng = self->seed;
     self->busy = 0;
     Py_RETURN_NONE;
 }
@@ -392,6 +463,11 @@ static PyObject *Accumulator_get_hidden(Accumulator *self, void *Py_UNUSED(closu
     return PyLong_FromLongLong(self->hidden);
 }
 
+static PyObject *Accumulator_get_sample_rows(Accumulator *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->sample_rows);
+}
+
 static PyObject *Accumulator_get_batch_rows(Accumulator *self, void *Py_UNUSED(closure))
 {
     if (self->batch.groups == NULL)
@@ -403,6 +479,8 @@ static PyGetSetDef Accumulator_getset[] = {
     {"num_slots", (getter)Accumulator_get_num_slots, NULL, "Number of slots (hooked layers).", NULL},
     {"num_groups", (getter)Accumulator_get_num_groups, NULL, "Number of row groups.", NULL},
     {"hidden", (getter)Accumulator_get_hidden, NULL, "Width of each row.", NULL},
+    {"sample_rows", (getter)Accumulator_get_sample_rows, NULL,
+     "Capacity of each slot's reservoir sample of rows.", NULL},
     {"batch_rows", (getter)Accumulator_get_batch_rows, NULL,
      "Rows in the current batch plan, or None.", NULL},
     {NULL},
@@ -418,14 +496,16 @@ static PyMethodDef Accumulator_methods[] = {
     {"state", (PyCFunction)Accumulator_state, METH_NOARGS, state_doc},
     {"load_state", (PyCFunction)Accumulator_load_state, METH_VARARGS, load_state_doc},
     {"merge", (PyCFunction)Accumulator_merge, METH_O, merge_doc},
+    {"samples", (PyCFunction)Accumulator_samples, METH_O, samples_doc},
     {"reset", (PyCFunction)Accumulator_reset, METH_NOARGS,
-     "reset($self, /)\n--\n\nSet every sum and count to zero."},
+     "reset($self, /)\n--\n\nSet every sum and count to zero and empty the samples."},
     {NULL},
 };
 
 PyDoc_STRVAR(Accumulator_doc,
-"Accumulator(num_slots, hidden, num_groups=2)\n--\n\n"
-"Float64 sums and row counts per (slot, group) for mean-difference vectors.");
+"Accumulator(num_slots, hidden, num_groups=2, *, sample_rows=0, seed=0)\n--\n\n"
+"Float64 sums and row counts per (slot, group) for mean-difference vectors, and\n"
+"optionally a uniform sample of up to `sample_rows` selected rows per slot.");
 
 static PyType_Slot Accumulator_slots[] = {
     {Py_tp_new, Accumulator_new},

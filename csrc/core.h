@@ -93,11 +93,21 @@ int row_plan_check(const RowPlan *plan, const TensorView *act, int64_t hidden);
 
 /* ------------------------------------------------------------------ reduce */
 
-/* Adds the selected rows of `act` into sums[group * hidden + h] (float64) and counts[group].
- * `scratch` holds `hidden` doubles. Pure C: called with the GIL released after
- * row_plan_check() succeeded. */
+/* A uniform reservoir sample of one slot's selected rows (for separation metrics):
+ * bounded memory whatever the number of rows offered. */
+typedef struct {
+    int64_t capacity; /* 0 disables sampling */
+    int64_t *seen;    /* rows offered so far */
+    double *rows;     /* [capacity][hidden] */
+    int64_t *groups;  /* [capacity] */
+    uint64_t *rng;    /* generator state, shared by the accumulator's slots */
+} RowSample;
+
+/* Adds the selected rows of `act` into sums[group * hidden + h] (float64) and counts[group],
+ * and offers each row to `sample`. `scratch` holds `hidden` doubles. Pure C: called with the
+ * GIL released after row_plan_check() succeeded. */
 void reduce_rows(const TensorView *act, const RowPlan *plan, int64_t hidden,
-                 double *sums, int64_t *counts, double *scratch);
+                 double *sums, int64_t *counts, double *scratch, const RowSample *sample);
 
 /* ------------------------------------------------------------- accumulator */
 

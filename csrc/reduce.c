@@ -86,13 +86,36 @@ static add_row_fn row_adder(RsDtype dtype)
     }
 }
 
+/* splitmix64: a small, well-mixed generator; seeded, so samples are reproducible. */
+static uint64_t next_random(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Reservoir sampling (Algorithm R): every offered row is kept with equal probability. */
+static void offer_row(const RowSample *sample, const double *row, int64_t group, int64_t hidden)
+{
+    int64_t seen = (*sample->seen)++;
+    int64_t slot = seen < sample->capacity
+                       ? seen
+                       : (int64_t)(next_random(sample->rng) % (uint64_t)(seen + 1));
+    if (slot < sample->capacity) {
+        memcpy(sample->rows + slot * hidden, row, (size_t)hidden * sizeof(double));
+        sample->groups[slot] = group;
+    }
+}
+
 void reduce_rows(const TensorView *act, const RowPlan *plan, int64_t hidden, double *sums,
-                 int64_t *counts, double *scratch)
+                 int64_t *counts, double *scratch, const RowSample *sample)
 {
     add_row_fn add_row = row_adder(act->dtype);
     const int64_t item = act->itemsize;
     const int64_t last = act->ndim - 1;
     const int64_t hidden_stride = act->strides[last] * item;
+    const int sampling = sample != NULL && sample->capacity > 0;
 
     for (int64_t b = 0; b < plan->rows; b++) {
         int64_t group = plan->groups[b];
@@ -101,19 +124,18 @@ void reduce_rows(const TensorView *act, const RowPlan *plan, int64_t hidden, dou
         counts[group] += 1;
         if (act->data == NULL)
             continue; /* size-0 tensor: nothing to read */
-        double *dst = sums + group * hidden;
         const char *row_base = act->data + b * act->strides[0] * item;
+        /* The selected row, in float64, into scratch. */
+        memset(scratch, 0, (size_t)hidden * sizeof(double));
         switch (plan->select) {
         case RS_ROWS:
-            add_row(row_base, hidden_stride, hidden, dst);
+            add_row(row_base, hidden_stride, hidden, scratch);
             break;
         case RS_INDEX:
             add_row(row_base + plan->index[b] * act->strides[1] * item, hidden_stride, hidden,
-                    dst);
+                    scratch);
             break;
         case RS_MASK: {
-            /* Sum the row's tokens in float64 first, then add their mean. */
-            memset(scratch, 0, (size_t)hidden * sizeof(double));
             const uint8_t *mask = plan->mask + b * plan->seq;
             for (int64_t s = 0; s < plan->seq; s++) {
                 if (mask[s])
@@ -122,9 +144,14 @@ void reduce_rows(const TensorView *act, const RowPlan *plan, int64_t hidden, dou
             }
             const double inv = 1.0 / (double)plan->mask_tokens[b];
             for (int64_t h = 0; h < hidden; h++)
-                dst[h] += scratch[h] * inv;
+                scratch[h] *= inv;
             break;
         }
         }
+        double *dst = sums + group * hidden;
+        for (int64_t h = 0; h < hidden; h++)
+            dst[h] += scratch[h];
+        if (sampling)
+            offer_row(sample, scratch, group, hidden);
     }
 }

@@ -119,6 +119,12 @@ class SteeringVector:
         )
 
 
+def _separation_key(vector: SteeringVector) -> tuple[float, float]:
+    def finite(x: Any) -> float:
+        return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
+    return finite(vector.metadata["separation_accuracy"]), finite(vector.metadata.get("separation_cohens_d"))
+
+
 def _strip_suffix(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".json", ".pt", ".safetensors") else path
 
@@ -187,12 +193,24 @@ class SteeringVectorSet:
         return self._vectors.get(layer_index)
 
     def get_best(self, metric: str = "norm") -> SteeringVector:
-        """The vector that scores highest on ``metric``; ``"norm"`` is the reference's."""
+        """The vector that scores highest on ``metric``.
+
+        ``"norm"`` (the default, as in the reference) picks the largest vector, which mostly
+        picks the deepest layer. ``"separation"`` picks the layer whose vector best separates
+        held-out positive from negative rows (accuracy, then Cohen's d), measured during
+        extraction; prefer it for new code.
+        """
         if not self._vectors:
             raise ValueError("get_best() on an empty SteeringVectorSet")
         if metric == "norm":
             return max(self._vectors.values(), key=lambda v: v.norm)
-        raise ValueError(f"unknown metric {metric!r}; expected 'norm'")
+        if metric == "separation":
+            missing = [v.layer_index for v in self if "separation_accuracy" not in v.metadata]
+            if missing:
+                raise ValueError(f"layers {missing} have no separation figures (extracted with "
+                                 "separation_sample=0 or by another tool); use metric='norm'")
+            return max(self._vectors.values(), key=_separation_key)
+        raise ValueError(f"unknown metric {metric!r}; expected 'norm' or 'separation'")
 
     @property
     def layers(self) -> list[int]:

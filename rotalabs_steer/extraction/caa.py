@@ -21,10 +21,12 @@ from ..batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_to
 from ..capture import accumulate_batches
 from ..datasets.base import ContrastPairDataset, as_contrast_pairs
 from ..layers import find_decoder_blocks, hidden_size_of, resolve_layer_indices
+from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_separation
 from ..vectors import SteeringVector, SteeringVectorSet
 
 TokenPosition = Literal["last", "first", "mean"]
 DEFAULT_MAX_LENGTH = 512
+DEFAULT_SEPARATION_SAMPLE = 512
 
 
 def extract_caa_vector(
@@ -38,6 +40,7 @@ def extract_caa_vector(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     layer_modules=None,
+    separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
 ) -> SteeringVector:
     """Extract the CAA steering vector of one layer (the output of decoder block ``layer_idx``).
 
@@ -46,7 +49,7 @@ def extract_caa_vector(
     if isinstance(layer_idx, (list, tuple)):
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
     vectors = _extract(model, tokenizer, contrast_pairs, [layer_idx], "layer_idx", token_position,
-                       show_progress, batch_size, max_length, layer_modules)
+                       show_progress, batch_size, max_length, layer_modules, separation_sample)
     return next(iter(vectors))
 
 
@@ -61,6 +64,7 @@ def extract_caa_vectors(
     batch_size: int = 1,
     max_length: int = DEFAULT_MAX_LENGTH,
     layer_modules=None,
+    separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
 ) -> SteeringVectorSet:
     """Extract CAA steering vectors for several layers in one pass over the pairs.
 
@@ -76,17 +80,21 @@ def extract_caa_vectors(
         batch_size: texts per forward pass.
         max_length: truncation length in tokens (the reference's 512 by default).
         layer_modules: override block discovery: ``"path.to.layers.{i}"`` or a list of modules.
+        separation_sample: rows per layer kept (uniformly at random) to measure how well each
+            vector separates held-out positive from negative rows (``metadata["separation_*"]``,
+            ``get_best("separation")``); 0 turns it off. Memory: sample × hidden × 8 bytes a layer.
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, "layer_indices", token_position,
-                    show_progress, batch_size, max_length, layer_modules)
+                    show_progress, batch_size, max_length, layer_modules, separation_sample)
 
 
 def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, token_position,
-             show_progress, batch_size, max_length, layer_modules) -> SteeringVectorSet:
+             show_progress, batch_size, max_length, layer_modules, separation_sample) -> SteeringVectorSet:
     if token_position not in TOKEN_POSITIONS:
         raise ValueError(f"token_position must be one of {TOKEN_POSITIONS}, got {token_position!r}")
-    batch_size = _positive_int(batch_size, "batch_size")
-    max_length = _positive_int(max_length, "max_length")
+    batch_size = _int_at_least(batch_size, "batch_size", 1)
+    max_length = _int_at_least(max_length, "max_length", 1)
+    separation_sample = _int_at_least(separation_sample, "separation_sample", 0)
     behavior, pairs = as_contrast_pairs(contrast_pairs)
     if not pairs:
         raise ValueError("contrast_pairs is empty; need at least one positive/negative pair")
@@ -95,35 +103,45 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     layers = resolve_layer_indices(layer_indices, len(blocks), layers_arg)
     hidden = hidden_size_of(model)
 
+    # Group code side + 2 * fold: sums per fold give held-out vectors for free.
+    folds = min(DEFAULT_FOLDS, len(pairs))
+    fold = fold_of_pairs(len(pairs), folds)
     texts = [p.positive for p in pairs] + [p.negative for p in pairs]
-    groups = [POSITIVE] * len(pairs) + [NEGATIVE] * len(pairs)
+    groups = [POSITIVE + 2 * f for f in fold] + [NEGATIVE + 2 * f for f in fold]
     token_ids = tokenize(tokenizer, texts, max_length)
     batches = make_batches(token_ids, groups, token_position, batch_size, pad_token_id(tokenizer))
 
-    accumulator = _core.Accumulator(len(layers), hidden)
+    accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
+                                    sample_rows=separation_sample if folds > 1 else 0)
     with tqdm(total=len(texts), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
         accumulate_batches(model, [blocks.modules[i] for i in layers], batches, accumulator,
                            on_batch=lambda batch: bar.update(batch.num_rows))
 
     sums, counts = accumulator.state()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
-    vectors = [
-        _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
-                     len(pairs), batch_size, model)
-        for slot, layer in enumerate(layers)
-    ]
+    vectors = []
+    for slot, layer in enumerate(layers):
+        vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
+                              len(pairs), batch_size, model)
+        if accumulator.sample_rows:
+            figures = held_out_separation(sums[slot], counts[slot], *accumulator.samples(slot))
+            vector.metadata.update({f"separation_{k}": _finite_or_none(v) for k, v in figures.items()},
+                                   separation_folds=folds)
+        vectors.append(vector)
     return SteeringVectorSet(behavior, vectors)
 
 
-def _positive_int(value, name: str) -> int:
+def _int_at_least(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or a TypeError / ValueError naming ``name``."""
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be {kind}, got {value}")
     return value
 
 
@@ -131,8 +149,8 @@ def _make_vector(
     sums: np.ndarray, counts: np.ndarray, layer: int, behavior: str, model_name: str,
     token_position: str, num_pairs: int, batch_size: int, model,
 ) -> SteeringVector:
-    pos_mean = sums[POSITIVE] / counts[POSITIVE]
-    neg_mean = sums[NEGATIVE] / counts[NEGATIVE]
+    pos_mean = sums[POSITIVE::2].sum(0) / counts[POSITIVE::2].sum()
+    neg_mean = sums[NEGATIVE::2].sum(0) / counts[NEGATIVE::2].sum()
     difference = pos_mean - neg_mean
     if not (np.isfinite(pos_mean).all() and np.isfinite(neg_mean).all()):
         raise ValueError(
@@ -153,14 +171,19 @@ def _make_vector(
             "pos_mean_norm": float(np.linalg.norm(pos_mean)),
             "neg_mean_norm": float(np.linalg.norm(neg_mean)),
             "vector_norm": vector_norm,
-            "num_positive": int(counts[POSITIVE]),
-            "num_negative": int(counts[NEGATIVE]),
+            "num_positive": int(counts[POSITIVE::2].sum()),
+            "num_negative": int(counts[NEGATIVE::2].sum()),
             "cosine_pos_neg": _cosine(pos_mean, neg_mean),
             "batch_size": batch_size,
             "model_dtype": _model_dtype(model),
             "layer_semantics": "output of decoder block layer_index (hidden_states[layer_index + 1])",
         },
     )
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or inf: undefined figures are stored as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
