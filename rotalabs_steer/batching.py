@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 POSITIVE, NEGATIVE = 0, 1
-TOKEN_POSITIONS = ("last", "first", "mean")
+TOKEN_POSITIONS = ("last", "first", "mean", "answer")
 
 
 @dataclass
@@ -33,23 +33,40 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, exactly as ``tokenizer(text, truncation=True, max_length=...)``."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    at_limit = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
+def tokenize(tokenizer, texts: Sequence[str], max_length: int,
+             read_chars: Sequence[int] | None = None) -> tuple[list[list[int]], list[int] | None]:
+    """Token ids per text, exactly as ``tokenizer(text, truncation=True, max_length=...)``.
+
+    With ``read_chars`` (a character index per text, e.g. a CAA answer letter), also the
+    index of the token that holds that character in each text.
+    """
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    ids = [list(row) for row in encoded["input_ids"]]
+    at_limit = [i for i, row in enumerate(ids) if len(row) >= max_length]
     if at_limit:
         full = tokenizer([texts[i] for i in at_limit], truncation=False)["input_ids"]
-        truncated = sum(len(ids) > max_length for ids in full)
+        truncated = sum(len(row) > max_length for row in full)
         if truncated:
             warnings.warn(
                 f"{truncated} text(s) are longer than max_length={max_length} tokens and were "
                 "truncated (as the reference implementation does)",
                 stacklevel=3,
             )
-    for i, ids in enumerate(encoded):
-        if len(ids) == 0:
+    for i, row in enumerate(ids):
+        if len(row) == 0:
             raise ValueError(f"contrast_pairs: text {i} ({texts[i]!r}) produced no tokens")
-    return [list(ids) for ids in encoded]
+    if read_chars is None:
+        return ids, None
+    if not getattr(encoded, "is_fast", False):
+        raise ValueError("token_position='answer' needs a fast tokenizer (character offsets)")
+    read = []
+    for i, char in enumerate(read_chars):
+        token = encoded.char_to_token(i, char)
+        if token is None:
+            raise ValueError(f"contrast_pairs: text {i}: character {char} ({texts[i][char:char + 1]!r}) "
+                             "maps to no token (truncated by max_length?)")
+        read.append(token)
+    return ids, read
 
 
 def pad_token_id(tokenizer) -> int | None:

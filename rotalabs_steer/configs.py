@@ -114,6 +114,13 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         _config("google/gemma-2-9b-it", 42, 3584, _GEMMA2_9B),
     )
 }
+# The bundled default model (rotalabs_steer.models). Refusal layers measured here: blocks 12-16
+# give the best held-out separation and a monotone dose-response of refusal-token log-probability;
+# other behaviours fall back to the middle third until measured.
+MODEL_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"] = ModelConfig(
+    name="HuggingFaceTB/SmolLM2-135M-Instruct", num_layers=30, hidden_size=576,
+    recommended_layers={"refusal": _span(12, 5)},
+)
 
 
 def get_model_config(model_name: str) -> ModelConfig:

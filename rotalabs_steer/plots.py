@@ -38,6 +38,8 @@ def plot_layer_metrics(vectors: SteeringVectorSet, title: str | None = None):
         ax_sep.legend(handles, ["held-out accuracy", "Cohen's d"], loc="lower right")
     else:
         ax_sep.text(0.5, 0.5, "no separation figures", ha="center", va="center", transform=ax_sep.transAxes)
+    for axis in (ax_norm, ax_sep):
+        axis.set_xticks(layers)
     fig.suptitle(title or f"{vectors.behavior} vectors of {vectors.model_name}")
     fig.tight_layout()
     return fig

@@ -164,3 +164,33 @@ def test_generator_of_pairs_works(pairs):
 def test_progress_bar_counts_texts(pairs, capsys):
     extract_caa_vector(make_model("llama"), make_tokenizer(), pairs, 1, batch_size=4, show_progress=True)
     assert f"{2 * len(pairs)}/{2 * len(pairs)}" in capsys.readouterr().err
+
+
+def test_answer_position_reads_the_answer_letter():
+    """CAA A/B items: the vector is read at the answer letter, wherever it sits in the text."""
+    from ground_truth import block_outputs
+    from rotalabs_steer.datasets import load_caa_ab
+
+    records = [
+        {"question": f"Question {i}: will you help with task {i}?\n\nChoices:\n(A) Yes, gladly.\n(B) No, I decline.",
+         "answer_matching_behavior": "(B)" if i % 2 else "(A)",
+         "answer_not_matching_behavior": "(A)" if i % 2 else "(B)"}
+        for i in range(6)
+    ]
+    dataset = load_caa_ab(records, behavior="refusal")
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    model64 = copy.deepcopy(model).double()
+    want = torch.zeros(64, dtype=torch.float64)
+    for pair in dataset:
+        for sign, side in ((1, "positive"), (-1, "negative")):
+            text, char = getattr(pair, side), pair.metadata[f"{side}_answer_char"]
+            encoding = tokenizer(text)
+            token = encoding.char_to_token(char)
+            assert tokenizer.decode(encoding["input_ids"][token]).strip() == text[char]
+            want += sign * block_outputs(model64, encoding["input_ids"], [2])[2][token] / len(dataset)
+    for batch_size in (1, 4):
+        got = extract_caa_vector(model, tokenizer, dataset, 2, "answer", batch_size=batch_size, show_progress=False)
+        assert relative_error(got.vector, want) <= TOLERANCE
+    with pytest.raises(ValueError, match="positive_answer_char"):
+        extract_caa_vector(model, tokenizer, [{"positive": "a b", "negative": "c d"}], 2, "answer",
+                           show_progress=False)

@@ -20,6 +20,7 @@ from .builtin import (
     pairs_as_dicts,
     render_exchange,
 )
+from .loaders import load_caa_ab, load_pairs
 
 # The reference's module-level constants, built on first access.
 _CONSTANTS = {
@@ -51,6 +52,7 @@ __all__ = [
     "get_refusal_pairs",
     "load_assertiveness_pairs",
     "load_behavior_pairs",
+    "load_caa_ab",
     "load_conciseness_pairs",
     "load_creativity_pairs",
     "load_empathy_pairs",
@@ -58,6 +60,7 @@ __all__ = [
     "load_formality_pairs",
     "load_hierarchy_pairs",
     "load_humor_pairs",
+    "load_pairs",
     "load_refusal_pairs",
     "load_technical_depth_pairs",
     "load_tool_restraint_pairs",

@@ -24,7 +24,7 @@ from ..layers import find_decoder_blocks, hidden_size_of, resolve_layer_indices
 from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_separation
 from ..vectors import SteeringVector, SteeringVectorSet
 
-TokenPosition = Literal["last", "first", "mean"]
+TokenPosition = Literal["last", "first", "mean", "answer"]
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_SEPARATION_SAMPLE = 512
 
@@ -74,8 +74,10 @@ def extract_caa_vectors(
             max_length=max_length)``. It is never modified.
         contrast_pairs: a ContrastPairDataset or a list of ``{"positive", "negative"}`` dicts.
         layer_indices: decoder blocks whose outputs are read (negative indices count from the end).
-        token_position: ``"last"`` / ``"first"`` real token of each text, or ``"mean"`` over its
-            real tokens.
+        token_position: ``"last"`` / ``"first"`` real token of each text, ``"mean"`` over its
+            real tokens, or ``"answer"``: the token holding the character recorded in each pair's
+            metadata (``positive_answer_char`` / ``negative_answer_char``, set by
+            ``datasets.load_caa_ab``), i.e. the A/B answer letter CAA reads.
         show_progress: show a tqdm bar over texts.
         batch_size: texts per forward pass.
         max_length: truncation length in tokens (the reference's 512 by default).
@@ -108,8 +110,10 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     fold = fold_of_pairs(len(pairs), folds)
     texts = [p.positive for p in pairs] + [p.negative for p in pairs]
     groups = [POSITIVE + 2 * f for f in fold] + [NEGATIVE + 2 * f for f in fold]
-    token_ids = tokenize(tokenizer, texts, max_length)
-    batches = make_batches(token_ids, groups, token_position, batch_size, pad_token_id(tokenizer))
+    read_chars = _answer_chars(pairs) if token_position == "answer" else None
+    token_ids, read_indices = tokenize(tokenizer, texts, max_length, read_chars)
+    batches = make_batches(token_ids, groups, token_position, batch_size, pad_token_id(tokenizer),
+                           read_indices)
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
@@ -129,6 +133,23 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
                                    separation_folds=folds)
         vectors.append(vector)
     return SteeringVectorSet(behavior, vectors)
+
+
+def _answer_chars(pairs) -> list[int]:
+    """Character index of the answer in every positive text, then every negative one."""
+    chars = {"positive": [], "negative": []}
+    for i, pair in enumerate(pairs):
+        for side in chars:
+            char = pair.metadata.get(f"{side}_answer_char")
+            text = getattr(pair, side)
+            if isinstance(char, bool) or not isinstance(char, int) or not 0 <= char < len(text):
+                raise ValueError(
+                    f"contrast_pairs[{i}]: token_position='answer' needs metadata "
+                    f"'{side}_answer_char' (a character index into the text), got {char!r}; "
+                    "load A/B items with rotalabs_steer.datasets.load_caa_ab"
+                )
+            chars[side].append(char)
+    return chars["positive"] + chars["negative"]
 
 
 def _int_at_least(value, name: str, minimum: int) -> int:

