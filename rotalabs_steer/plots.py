@@ -1,8 +1,12 @@
-"""Figures of extracted vectors (matplotlib, the ``plots`` extra). Each returns the figure."""
+"""Figures of extracted vectors and of strength sweeps (matplotlib, the ``plots`` extra). Each returns the figure."""
 
 from __future__ import annotations
 
-from .vectors import SteeringVectorSet
+import numpy as np
+import torch
+
+from .separation import cohens_d
+from .vectors import SteeringVector, SteeringVectorSet
 
 
 def _pyplot():
@@ -43,3 +47,79 @@ def plot_layer_metrics(vectors: SteeringVectorSet, title: str | None = None):
     fig.suptitle(title or f"{vectors.behavior} vectors of {vectors.model_name}")
     fig.tight_layout()
     return fig
+
+
+def plot_projection_histogram(vector: SteeringVector, positive_rows, negative_rows, *, bins: int = 30,
+                              title: str | None = None):
+    """Histograms of positive and negative rows projected onto ``vector``'s direction.
+
+    Rows are activations at the vector's layer, ``[n, hidden]`` (numpy or torch), e.g. the rows
+    ``_core.Accumulator(..., sample_rows=N).samples(slot)`` keeps (group code ``side + 2 * fold``,
+    side 0 positive). The dashed line is the midpoint of the two means; the accuracy and Cohen's d
+    in the title are measured on these rows, so rows the vector was built from flatter it (the
+    held-out figures are in ``vector.metadata``).
+    """
+    plt = _pyplot()
+    norm = vector.norm
+    if norm == 0.0 or not np.isfinite(norm):
+        raise ValueError(f"vector has norm {norm}; it has no direction to project onto")
+    unit = vector.vector.detach().to("cpu", torch.float64).numpy() / norm
+    positive = _rows(positive_rows, "positive_rows", vector.dim) @ unit
+    negative = _rows(negative_rows, "negative_rows", vector.dim) @ unit
+    midpoint = (positive.mean() + negative.mean()) / 2
+    accuracy = (np.sum(positive > midpoint) + np.sum(negative <= midpoint)) / (len(positive) + len(negative))
+    edges = np.histogram_bin_edges(np.concatenate([positive, negative]), bins=bins)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.hist(positive, bins=edges, alpha=0.6, color="tab:red", label=f"positive (n={len(positive)})")
+    ax.hist(negative, bins=edges, alpha=0.6, color="tab:blue", label=f"negative (n={len(negative)})")
+    ax.axvline(midpoint, color="gray", linestyle="--", label="midpoint of means")
+    ax.set(xlabel="projection onto the unit vector", ylabel="rows")
+    ax.legend()
+    ax.set_title(title or f"{vector.behavior}, layer {vector.layer_index}: accuracy {accuracy:.2f}, "
+                          f"Cohen's d {cohens_d(positive, negative):.2f} on these rows")
+    fig.tight_layout()
+    return fig
+
+
+# Panels of plot_strength_sweep: a row key each, and its y label.
+_SWEEP_PANELS = {
+    "refusal_logprob": "log P(refusal opening)",
+    "refusal_log_odds": "log-odds refusal vs compliance opening",
+    "refusal_rate": "fraction of generations refusing",
+    "matching_probability": "P(matching answer letter)",
+    "perplexity": "perplexity under the unsteered model",
+}
+
+
+def plot_strength_sweep(rows, title: str | None = None):
+    """Each score against steering strength, from ``evaluation.strength_sweep`` (dicts or a DataFrame)."""
+    plt = _pyplot()
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+    if not rows or not all(isinstance(row, dict) and "strength" in row for row in rows):
+        raise ValueError("rows must be the non-empty output of strength_sweep (dicts with 'strength')")
+    rows = sorted(rows, key=lambda row: row["strength"])
+    keys = [key for key in _SWEEP_PANELS if key in rows[0]]
+    if not keys:
+        raise ValueError(f"rows hold none of the scores {list(_SWEEP_PANELS)}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    strengths = [row["strength"] for row in rows]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(strengths, [row[key] for row in rows], marker="o")
+        ax.axvline(0.0, color="gray", linewidth=0.8)
+        ax.set(xlabel="steering strength", ylabel=_SWEEP_PANELS[key])
+        if key == "perplexity":
+            ax.set_yscale("log")
+        elif key in ("refusal_rate", "matching_probability"):
+            ax.set_ylim(-0.02, 1.02)
+    fig.suptitle(title or "steering strength sweep")
+    fig.tight_layout()
+    return fig
+
+
+def _rows(rows, name: str, dim: int) -> np.ndarray:
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().to("cpu", torch.float64).numpy()
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != dim or len(rows) == 0:
+        raise ValueError(f"{name} must be a non-empty [n, {dim}] array, got shape {rows.shape}")
+    return rows

@@ -15,6 +15,7 @@ import torch
 
 from rotalabs_steer import ActivationInjector, get_model_config
 from rotalabs_steer.datasets import load_evaluation_prompts, load_refusal_pairs
+from rotalabs_steer.evaluation import refusal_logprob
 from rotalabs_steer.extraction import extract_caa_vector
 from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default
 
@@ -54,27 +55,6 @@ def test_cache_holds_the_same_weights(bundled, tmp_path, monkeypatch):
     assert torch.equal(probe_logits(fresh, fresh_tokenizer), probe_logits(model, tokenizer))
 
 
-def refusal_logprob(model, tokenizer, prompts) -> float:
-    """Mean over prompts of log P(any refusal opening | chat prompt), teacher-forced in one batch."""
-    rows, spans = [], []
-    for prompt in prompts:
-        context = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        for opening in REFUSAL_OPENINGS:
-            rows.append(context_ids + tokenizer(opening, add_special_tokens=False)["input_ids"])
-            spans.append((len(context_ids), len(rows[-1])))
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # right padding: causal rows unaffected
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    with torch.inference_mode():
-        logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
-    per_row = torch.stack([
-        logprobs[i, start - 1:end - 1].gather(1, ids[i, start:end, None]).sum() for i, (start, end) in enumerate(spans)
-    ])
-    return float(torch.logsumexp(per_row.view(len(prompts), len(REFUSAL_OPENINGS)), dim=1).mean())
-
-
 def spearman(x, y) -> float:
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731 - no ties in these figures
     return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
@@ -92,7 +72,7 @@ def test_refusal_steering_is_monotone_on_held_out_prompts(bundled):
     curve = []
     for strength in STRENGTHS:
         with ActivationInjector(model, [vector], strength=strength):
-            curve.append(refusal_logprob(model, tokenizer, held_out))
+            curve.append(refusal_logprob(model, tokenizer, held_out, REFUSAL_OPENINGS))
     print("refusal log-probability by strength:", dict(zip(STRENGTHS, np.round(curve, 3))))
     assert spearman(STRENGTHS, curve) >= 0.9, curve
     assert curve[-1] - curve[0] > 1.0  # a real effect, not noise
