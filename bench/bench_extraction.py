@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=0, help="use only the first N pairs (0 = all)")
+    parser.add_argument("--positions", default="last,mean", help="token positions to run, comma-separated")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -115,7 +116,7 @@ def main() -> None:
         n = len(find_decoder_blocks(model))
         layers5 = list(range(n // 3, n // 3 + 5))
     rows = []
-    for token_position in ("last", "mean"):
+    for token_position in args.positions.split(","):
         for layers in (layers5, layers5[len(layers5) // 2: len(layers5) // 2 + 1]):
             label = f"{len(layers)} layer{'s' if len(layers) > 1 else ''}, {token_position}"
             ours_t, ours = timed(lambda: extract_caa_vectors(model, tokenizer, pairs, layers, token_position,
@@ -143,7 +144,8 @@ def write_results(args, model, pairs, layers5, rows) -> None:
         f"(cores: {__import__('os').cpu_count()}), torch {torch.__version__}, python {sys.version.split()[0]}.",
         f"Model: `{name}`, {len(find_decoder_blocks(model))} blocks; {len(pairs)} refusal pairs "
         f"({2 * len(pairs)} texts); ours with batch_size={args.batch_size}; 5 layers = {layers5}.",
-        f"Median of {args.repeats} runs (the documented loop: 1 run). `python bench/bench_extraction.py`.",
+        f"Median of {args.repeats} runs (the documented loop: 1 run). "
+        f"`{' '.join(['python', 'bench/bench_extraction.py', *sys.argv[1:]])}`.",
         "",
         "| workload | ours (s) | documented loop (s) | speed-up | bare forward, full (s) | bare forward, stopped (s) | ours / stopped | rel. L2 error vs loop |",
         "|---|---|---|---|---|---|---|---|",
