@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TORCH := torch==2.13.0
 
-.PHONY: test demo build test-asan clean
+.PHONY: test demo build bench test-asan fuzz fuzz-short valgrind clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: build
 demo: build
 	$(PY) examples/demo.py
 
+bench: build
+	$(PY) bench/bench_extraction.py
+
 # The C core under AddressSanitizer + UBSan, whole suite; restores the normal build after.
 test-asan: $(DEPS)
 	ROTALABS_STEER_SANITIZE=1 ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force --build-temp build/asan
@@ -36,6 +39,46 @@ test-asan: $(DEPS)
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
 	  ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force; exit $$status
+
+# Fuzz the C entry points (fuzz/fuzz_core.py, atheris) for FUZZ_SECONDS, in two halves:
+#  1. coverage-guided on the normal build, growing fuzz/corpus (gcc's libasan, once preloaded,
+#     takes over the sanitizer-coverage callbacks atheris registers, so no guidance under ASan);
+#  2. against the AddressSanitizer + UBSan build: that corpus replayed, then inputs drawn by
+#     random.Random (same generator and oracle; FUZZ_SEED picks the seed) for the other half.
+# Restores the normal build after. Crash inputs land in fuzz/artifacts/; replay one with
+# `make fuzz FUZZ_ARGS=fuzz/artifacts/crash-...` (or run fuzz/fuzz_core.py on it directly).
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS ?=
+FUZZ_FLAGS = -rss_limit_mb=8192 -artifact_prefix=fuzz/artifacts/ -print_final_stats=1
+ASAN_PRELOAD = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)"
+fuzz: build
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet "atheris>=2.3" || \
+	  echo "atheris did not install: fuzz_core.py falls back to random.Random"
+	mkdir -p fuzz/corpus fuzz/artifacts
+	PYTHONHASHSEED=0 $(PY) fuzz/fuzz_core.py fuzz/corpus -max_total_time=$$(( $(FUZZ_SECONDS) / 2 )) \
+	  $(FUZZ_FLAGS) $(FUZZ_ARGS)
+	ROTALABS_STEER_SANITIZE=1 ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force --build-temp build/asan
+	$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONHASHSEED=0 \
+	  $(PY) fuzz/fuzz_core.py --random --replay fuzz/corpus \
+	    --seconds $$(( $(FUZZ_SECONDS) - $(FUZZ_SECONDS) / 2 )) --seed $${FUZZ_SEED:-$$(date +%s)}; status=$$?; \
+	  ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force; exit $$status
+
+fuzz-short:
+	$(MAKE) fuzz FUZZ_SECONDS=20
+
+# valgrind memcheck over tests/test_core.py (system malloc, so every block is valgrind's).
+# Reports "definitely lost" records and memory errors whose stack passes through the
+# extension (_core*.so); fails on any. The two tracemalloc-threshold tests are left out:
+# under valgrind + PYTHONMALLOC=malloc their budgets measure allocator warm-up, and
+# valgrind is the leak check here (they run in `make test`).
+VALGRIND_LOG := build/valgrind.log
+valgrind: build
+	mkdir -p build
+	PYTHONMALLOC=malloc valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite \
+	  --errors-for-leak-kinds=definite --num-callers=40 --log-file=$(VALGRIND_LOG) \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_core.py -k "not no_leak"; status=$$?; \
+	  $(PY) fuzz/valgrind_summary.py $(VALGRIND_LOG) && exit $$status
 
 clean:
 	rm -rf build rotalabs_steer/*.so *.egg-info

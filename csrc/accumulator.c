@@ -331,6 +331,7 @@ static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
     if (expect_shape(&sums, "sums", 3, sum_shape) < 0 ||
         expect_shape(&counts, "counts", 2, count_shape) < 0)
         goto finally;
+    /* Check every count before writing any: an error leaves the state as it was. */
     for (int64_t s = 0; s < self->num_slots; s++) {
         for (int64_t g = 0; g < self->num_groups; g++) {
             int64_t n = tensor_view_int_at(&counts, s * counts.strides[0] + g * counts.strides[1]);
@@ -339,9 +340,12 @@ static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
                              (long long)g);
                 goto finally;
             }
-            self->counts[s * self->num_groups + g] = n;
         }
     }
+    for (int64_t s = 0; s < self->num_slots; s++)
+        for (int64_t g = 0; g < self->num_groups; g++)
+            self->counts[s * self->num_groups + g] =
+                tensor_view_int_at(&counts, s * counts.strides[0] + g * counts.strides[1]);
     for (int64_t s = 0; s < self->num_slots; s++)
         for (int64_t g = 0; g < self->num_groups; g++)
             for (int64_t h = 0; h < self->hidden; h++) {

@@ -73,10 +73,21 @@ static void CaptureHook_dealloc(CaptureHook *self)
     Py_DECREF(type);
 }
 
-/* 1 when the CPU can read `tensor` directly, 0 when not, -1 on error. */
+/* 1 when the CPU can read `tensor` directly (or the DLPack reader should judge it: a bare
+ * capsule, or an object without __dlpack_device__), 0 when not, -1 on error. */
 static int host_readable(PyObject *tensor)
 {
-    PyObject *device = PyObject_CallMethod(tensor, "__dlpack_device__", NULL);
+    if (PyCapsule_CheckExact(tensor))
+        return 1;
+    PyObject *method = PyObject_GetAttrString(tensor, "__dlpack_device__");
+    if (method == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 1;
+    }
+    PyObject *device = PyObject_CallNoArgs(method);
+    Py_DECREF(method);
     if (device == NULL)
         return -1;
     if (!PyTuple_Check(device) || PyTuple_GET_SIZE(device) < 1) {

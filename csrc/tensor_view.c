@@ -137,6 +137,16 @@ void tensor_view_release(TensorView *view)
     PyErr_Restore(type, value, traceback);
 }
 
+/* Drops a reference while an exception is pending: the object's destructor (a capsule's
+ * runs producer code, which may be Python) must neither see nor clobber the error. */
+static void drop_keeping_error(PyObject *obj)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    Py_DECREF(obj);
+    PyErr_Restore(type, value, traceback);
+}
+
 /* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
  * predates the keyword (TypeError only). Returns a new reference or NULL. */
 static PyObject *request_capsule(PyObject *obj, const char *what)
@@ -171,7 +181,8 @@ static PyObject *request_capsule(PyObject *obj, const char *what)
     if (capsule != NULL && !PyCapsule_CheckExact(capsule)) {
         PyErr_Format(PyExc_TypeError, "%s.__dlpack__() returned %.200s, not a capsule", what,
                      Py_TYPE(capsule)->tp_name);
-        Py_CLEAR(capsule);
+        drop_keeping_error(capsule);
+        capsule = NULL;
     }
     return capsule;
 }
@@ -298,7 +309,7 @@ int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view)
     return 0;
 
 error:
-    Py_DECREF(capsule);
+    drop_keeping_error(capsule);
     return -1;
 }
 

@@ -115,7 +115,8 @@ def resolve_layer_indices(layer_indices: Sequence[int], num_layers: int, name: s
         except TypeError:
             raise TypeError(f"{name} must contain ints, got {raw!r} ({type(raw).__name__})") from None
         if not -num_layers <= index < num_layers:
-            raise IndexError(f"{name}: layer {index} is out of range for a model with {num_layers} blocks")
+            raise IndexError(f"{name}: layer {index} is out of range for a model with {num_layers} blocks "
+                             f"(expected an int in [{-num_layers}, {num_layers - 1}])")
         resolved.append(index % num_layers)
     if not resolved:
         raise ValueError(f"{name} must name at least one layer")

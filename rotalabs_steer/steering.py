@@ -159,7 +159,12 @@ class _InjectorBase:
             raise TypeError(f"{where} must be a SteeringVector, not {type(vector).__name__}")
         n = len(self._blocks)
         if not -n <= vector.layer_index < n:
-            raise IndexError(f"{where}: layer {vector.layer_index} is out of range for a model with {n} blocks")
+            raise IndexError(f"{where}: layer {vector.layer_index} is out of range for a model with {n} blocks "
+                             f"(expected a layer in [{-n}, {n - 1}])")
+        if not vector.vector.is_floating_point():
+            raise TypeError(f"{where}: vector must be a floating-point tensor, not {vector.vector.dtype}")
+        if vector.vector.device.type == "meta":
+            raise ValueError(f"{where}: vector is on the 'meta' device (no data); load or compute it first")
         if vector.dim != self._hidden:
             raise ValueError(f"{where}: vector has {vector.dim} dimensions but the model's hidden size is {self._hidden}")
         if not torch.isfinite(vector.vector).all():
@@ -240,6 +245,9 @@ class ActivationInjector(_InjectorBase):
         super().__init__(model, injection_mode, apply_to, operator, keep_norm, layer_modules)
         if isinstance(vectors, SteeringVector):
             vectors = [vectors]
+        if isinstance(vectors, (str, bytes, torch.Tensor)) or not isinstance(vectors, Iterable):
+            raise TypeError("vectors must be a SteeringVector, a list of them or a SteeringVectorSet, "
+                            f"not {type(vectors).__name__}")
         vector_list = list(vectors)
         if not vector_list:
             raise ValueError("vectors is empty; pass at least one SteeringVector")
@@ -279,6 +287,15 @@ class MultiVectorInjector(_InjectorBase):
         super().__init__(model, injection_mode, apply_to, operator, keep_norm, layer_modules)
         if not isinstance(vector_sets, Mapping):
             raise TypeError("vector_sets must be a dict of behavior -> SteeringVectorSet")
+        if strengths is not None and not isinstance(strengths, Mapping):
+            raise TypeError(f"strengths must be a dict of behavior -> float, not {type(strengths).__name__}")
+        if default_layer is not None:
+            n = len(self._blocks)
+            if isinstance(default_layer, bool) or not isinstance(default_layer, int):
+                raise TypeError(f"default_layer must be an int or None, got {default_layer!r}")
+            if not -n <= default_layer < n:
+                raise IndexError(f"default_layer {default_layer} is out of range for a model with {n} blocks "
+                                 f"(expected a layer in [{-n}, {n - 1}])")
         self.vector_sets = dict(vector_sets)
         self.default_layer = default_layer
         self._strengths = {name: 1.0 for name in self.vector_sets}

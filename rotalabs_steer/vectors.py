@@ -145,6 +145,13 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any]:
             raise ValueError(f"{meta_path}: field {key!r} must be a {kind.__name__}, got {value!r}")
     if not isinstance(sidecar.get("metadata", {}), dict):
         raise ValueError(f"{meta_path}: field 'metadata' must be an object")
+    if not isinstance(sidecar.get("extraction_method", "caa"), str):
+        raise ValueError(f"{meta_path}: field 'extraction_method' must be a str, "
+                         f"got {sidecar['extraction_method']!r}")
+    shape = sidecar.get("vector_shape")
+    if shape is not None and not (isinstance(shape, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"{meta_path}: field 'vector_shape' must be a list of sizes, got {shape!r}")
     return sidecar
 
 
@@ -168,6 +175,8 @@ def _read_tensor(base: Path) -> torch.Tensor:
         raise FileNotFoundError(f"no steering-vector tensor at {st_path} or {pt_path}")
     if not isinstance(vector, torch.Tensor) or vector.ndim != 1 or not vector.is_floating_point():
         raise ValueError(f"{base}: expected a 1-D floating-point tensor")
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{base}: the stored vector contains NaN or inf (a corrupted file?)")
     return vector
 
 
@@ -253,11 +262,18 @@ class SteeringVectorSet:
             isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
         ):
             raise ValueError(f"{meta_path}: expected {{'behavior': str, 'layers': [int, ...]}}")
+        duplicates = sorted({i for i in layers if layers.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"{meta_path}: 'layers' lists layer(s) {duplicates} more than once")
         vector_set = cls(meta["behavior"])
         for layer in layers:
             vector = SteeringVector.load(directory / f"layer_{layer}")
             if vector.layer_index != layer:
                 raise ValueError(f"{directory}/layer_{layer}.json has layer_index {vector.layer_index}")
+            first = next(iter(vector_set), None)
+            if first is not None and vector.dim != first.dim:
+                raise ValueError(f"{directory}: layer_{layer} has {vector.dim} dimensions but "
+                                 f"layer_{first.layer_index} has {first.dim}; the files are from different models")
             vector_set.add(vector)
         return vector_set
 

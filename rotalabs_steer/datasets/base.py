@@ -114,7 +114,10 @@ def _pair_from_record(record: Any, where: str) -> ContrastPair:
 def as_contrast_pairs(contrast_pairs: Any) -> tuple[str, list[ContrastPair]]:
     """(behavior, pairs) from a ContrastPairDataset or any iterable of dicts / ContrastPairs."""
     if isinstance(contrast_pairs, ContrastPairDataset):
-        return contrast_pairs.behavior, list(contrast_pairs)
+        # The constructor takes its list as given: check the entries here, as for a list.
+        return contrast_pairs.behavior, [
+            _pair_from_record(r, f"contrast_pairs[{i}]") for i, r in enumerate(contrast_pairs)
+        ]
     if isinstance(contrast_pairs, (str, bytes, dict)) or not isinstance(contrast_pairs, Iterable):
         raise TypeError(
             "contrast_pairs must be a ContrastPairDataset or a list of "

@@ -48,6 +48,8 @@ def extract_caa_vector(
     """
     if isinstance(layer_idx, (list, tuple)):
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
+    if isinstance(layer_idx, bool) or not hasattr(type(layer_idx), "__index__"):
+        raise TypeError(f"layer_idx must be an int, got {layer_idx!r} ({type(layer_idx).__name__})")
     vectors = _extract(model, tokenizer, contrast_pairs, [layer_idx], "layer_idx", token_position,
                        show_progress, batch_size, max_length, layer_modules, separation_sample)
     return next(iter(vectors))
@@ -97,6 +99,9 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     batch_size = _int_at_least(batch_size, "batch_size", 1)
     max_length = _int_at_least(max_length, "max_length", 1)
     separation_sample = _int_at_least(separation_sample, "separation_sample", 0)
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a HuggingFace tokenizer (callable on a list of texts), "
+                        f"not {type(tokenizer).__name__}")
     behavior, pairs = as_contrast_pairs(contrast_pairs)
     if not pairs:
         raise ValueError("contrast_pairs is empty; need at least one positive/negative pair")
@@ -112,6 +117,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     groups = [POSITIVE + 2 * f for f in fold] + [NEGATIVE + 2 * f for f in fold]
     read_chars = _answer_chars(pairs) if token_position == "answer" else None
     token_ids, read_indices = tokenize(tokenizer, texts, max_length, read_chars)
+    _check_fits_model(model, token_ids, max_length)
     batches = make_batches(token_ids, groups, token_position, batch_size, pad_token_id(tokenizer),
                            read_indices)
 
@@ -152,6 +158,35 @@ def _answer_chars(pairs) -> list[int]:
     return chars["positive"] + chars["negative"]
 
 
+def _check_fits_model(model, token_ids, max_length: int) -> None:
+    """Token ids the embedding has rows for, lengths within learned absolute positions.
+
+    Either mistake would otherwise surface as a bare "index out of range in self" from
+    inside the forward.
+    """
+    try:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        embeddings = None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int):
+        top = max(max(row) for row in token_ids)
+        if top >= rows:
+            raise ValueError(
+                f"tokenizer produced token id {top}, but the model's input embedding has {rows} rows: "
+                "the tokenizer does not belong to this model"
+            )
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    positions = getattr(config, "n_positions", None)  # GPT-2 style learned absolute positions
+    longest = max(len(row) for row in token_ids)
+    if isinstance(positions, int) and longest > positions:
+        raise ValueError(
+            f"max_length={max_length} lets a text reach {longest} tokens, but the model has "
+            f"n_positions={positions}; pass max_length <= {positions}"
+        )
+
+
 def _int_at_least(value, name: str, minimum: int) -> int:
     """``value`` as an int >= ``minimum``, or a TypeError / ValueError naming ``name``."""
     kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
@@ -170,14 +205,16 @@ def _make_vector(
     sums: np.ndarray, counts: np.ndarray, layer: int, behavior: str, model_name: str,
     token_position: str, num_pairs: int, batch_size: int, model,
 ) -> SteeringVector:
-    pos_mean = sums[POSITIVE::2].sum(0) / counts[POSITIVE::2].sum()
-    neg_mean = sums[NEGATIVE::2].sum(0) / counts[NEGATIVE::2].sum()
-    difference = pos_mean - neg_mean
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums: the error below says so
+        pos_mean = sums[POSITIVE::2].sum(0) / counts[POSITIVE::2].sum()
+        neg_mean = sums[NEGATIVE::2].sum(0) / counts[NEGATIVE::2].sum()
+        difference = pos_mean - neg_mean
     if not (np.isfinite(pos_mean).all() and np.isfinite(neg_mean).all()):
+        dtype = _model_dtype(model)
+        hint = " or run it in a wider dtype (float32/bfloat16 instead of float16)" if dtype == "float16" else ""
         raise ValueError(
-            f"activations at layer {layer} contain NaN or inf (model dtype "
-            f"{_model_dtype(model)}); no vector was produced. Check the model weights or "
-            "run it in a wider dtype (float32/bfloat16 instead of float16)"
+            f"activations at layer {layer} contain NaN or inf (model dtype {dtype}); no vector "
+            f"was produced. Check the model weights{hint}"
         )
     vector_norm = float(np.linalg.norm(difference))
     return SteeringVector(
