@@ -129,16 +129,22 @@ def _strip_suffix(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".json", ".pt", ".safetensors") else path
 
 
-def _read_sidecar(meta_path: Path) -> dict[str, Any]:
+def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path``; FileNotFoundError(``missing``) or a ValueError naming the file."""
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            sidecar = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no steering-vector metadata at {meta_path}") from None
+        raise FileNotFoundError(missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(sidecar, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object")
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_sidecar(meta_path: Path) -> dict[str, Any]:
+    sidecar = _read_json_object(meta_path, f"no steering-vector metadata at {meta_path}")
     for key, kind in (("behavior", str), ("layer_index", int), ("model_name", str)):
         value = sidecar.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -250,15 +256,9 @@ class SteeringVectorSet:
         """Read a directory written by ``save`` (ours or the reference package's)."""
         directory = Path(dir_path)
         meta_path = directory / "metadata.json"
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no metadata.json in {directory}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
-        layers = meta.get("layers") if isinstance(meta, dict) else None
-        if not isinstance(meta, dict) or not isinstance(meta.get("behavior"), str) or not (
+        meta = _read_json_object(meta_path, f"no metadata.json in {directory}")
+        layers = meta.get("layers")
+        if not isinstance(meta.get("behavior"), str) or not (
             isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
         ):
             raise ValueError(f"{meta_path}: expected {{'behavior': str, 'layers': [int, ...]}}")

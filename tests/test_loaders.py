@@ -18,7 +18,8 @@ from rotalabs_steer.datasets import (
     render_exchange,
 )
 
-CAA_SAMPLE = Path("/work/shared/data/caa_ab_refusal_sample.json")
+# shared/ lies beside the repository (the project layout, also in CI)
+CAA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caa_ab_refusal_sample.json"
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
 
 
