@@ -131,7 +131,10 @@ def test_hundred_thousand_calls_keep_memory_flat():
     rss_growth = rss_bytes() - rss_before
     elapsed = time.monotonic() - started
     assert traced_growth < 64 * 1024, f"tracemalloc grew {traced_growth} bytes over {CALLS} calls"
-    assert rss_growth < 4 * 1024 * 1024, f"RSS grew {rss_growth} bytes over {CALLS} calls"
+    # AddressSanitizer keeps freed blocks in quarantine, so RSS grows without a leak there;
+    # tracemalloc (above) and valgrind (make valgrind) are the leak checks in that build.
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        assert rss_growth < 4 * 1024 * 1024, f"RSS grew {rss_growth} bytes over {CALLS} calls"
     assert [sys.getrefcount(o) for o in keep] == refcounts
     assert acc.state()[1].sum() > CALLS  # the calls did real work
     print(f"{CALLS} calls in {elapsed:.1f} s; traced +{traced_growth} B, RSS +{rss_growth} B")
