@@ -52,15 +52,11 @@ class ContrastPairDataset:
 
     def save(self, path: str | Path) -> None:
         """Write the reference JSON layout: behavior, description, pairs."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {
+        _write_json(path, {
             "behavior": self.behavior,
             "description": self.description,
             "pairs": [{"positive": p.positive, "negative": p.negative, "metadata": p.metadata} for p in self._pairs],
-        }
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> ContrastPairDataset:
@@ -84,6 +80,13 @@ class ContrastPairDataset:
 
     def __repr__(self) -> str:
         return f"ContrastPairDataset(behavior={self.behavior!r}, pairs={len(self)})"
+
+
+def _write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
 
 
 def _read_json(path: Path) -> Any:
@@ -160,9 +163,7 @@ class EvaluationDataset:
         return [e for e in self._examples if not e.expected_behavior]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {
+        _write_json(path, {
             "behavior": self.behavior,
             "description": self.description,
             "examples": [
@@ -170,9 +171,7 @@ class EvaluationDataset:
                  "metadata": e.metadata}
                 for e in self._examples
             ],
-        }
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> EvaluationDataset:
