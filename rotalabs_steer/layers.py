@@ -138,3 +138,35 @@ def hidden_size_of(model: nn.Module) -> int:
     if embeddings is not None and hasattr(embeddings, "embedding_dim"):
         return int(embeddings.embedding_dim)
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
+
+
+COMPONENTS = ("residual", "mlp", "attn")
+
+# Submodule of a decoder block whose output is the component, in the order tried.
+# OPT has no MLP module: its feed-forward ends in fc2, whose output is the MLP output.
+_COMPONENT_NAMES = {
+    "mlp": ("mlp", "feed_forward", "block_sparse_moe", "ffn", "fc2"),
+    "attn": ("self_attn", "attn", "attention", "self_attention"),
+}
+
+
+def component_module(block: nn.Module, component: str) -> tuple[nn.Module, str]:
+    """The module of ``block`` whose output is ``component``, and its path inside the block.
+
+    ``"residual"`` is the block itself (path ``""``); ``"mlp"`` and ``"attn"`` are the
+    feed-forward and self-attention submodules under whatever name the architecture uses.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    if component == "residual":
+        return block, ""
+    for name in _COMPONENT_NAMES[component]:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module, name
+    children = ", ".join(name for name, _ in block.named_children()) or "none"
+    raise ValueError(
+        f"component={component!r}: {type(block).__name__} has no submodule named "
+        f"{' / '.join(_COMPONENT_NAMES[component])} (its children: {children}); pass "
+        "layer_modules= with the modules whose outputs you want"
+    )
