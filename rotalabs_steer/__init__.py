@@ -5,12 +5,15 @@ forward for all layers and reduces block outputs in C (``rotalabs_steer._core``)
 """
 
 from .configs import MODEL_CONFIGS, ModelConfig, get_model_config, infer_model_config
+from .hooks import ActivationCache, ActivationHook, extract_activations
 from .steering import ActivationInjector, MultiVectorInjector
 from .vectors import SteeringVector, SteeringVectorSet
 
 __version__ = "2.0.0.dev0"
 
 __all__ = [
+    "ActivationCache",
+    "ActivationHook",
     "ActivationInjector",
     "MultiVectorInjector",
     "MODEL_CONFIGS",
@@ -18,6 +21,7 @@ __all__ = [
     "SteeringVector",
     "SteeringVectorSet",
     "__version__",
+    "extract_activations",
     "get_model_config",
     "infer_model_config",
 ]

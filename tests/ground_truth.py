@@ -6,12 +6,13 @@ import copy
 
 import torch
 
-from rotalabs_steer.layers import find_decoder_blocks
+from rotalabs_steer.layers import component_module, find_decoder_blocks
 
 
-def block_outputs(model, input_ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
-    """Output of each requested block for one unpadded text: {layer: [seq, hidden]}."""
-    blocks = find_decoder_blocks(model).modules
+def block_outputs(model, input_ids: list[int], layers: list[int], component: str = "residual"
+                  ) -> dict[int, torch.Tensor]:
+    """Output of each requested block (or its mlp / attn) for one unpadded text: {layer: [seq, hidden]}."""
+    blocks = [component_module(block, component)[0] for block in find_decoder_blocks(model).modules]
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer):
@@ -37,7 +38,8 @@ def select(hidden: torch.Tensor, token_position: str) -> torch.Tensor:
     return hidden.mean(dim=0)
 
 
-def caa_truth(model, tokenizer, pairs, layers, token_position, max_length=512) -> dict[int, torch.Tensor]:
+def caa_truth(model, tokenizer, pairs, layers, token_position, max_length=512, component="residual"
+              ) -> dict[int, torch.Tensor]:
     """{layer: mean(pos) - mean(neg)} in float64, one text per forward."""
     model64 = copy.deepcopy(model).to(torch.float64)
     sums = {layer: [torch.zeros((), dtype=torch.float64)] * 2 for layer in layers}
@@ -45,7 +47,7 @@ def caa_truth(model, tokenizer, pairs, layers, token_position, max_length=512) -
         for pair in pairs:
             text = pair["positive"] if side == 0 else pair["negative"]
             ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-            for layer, hidden in block_outputs(model64, ids, layers).items():
+            for layer, hidden in block_outputs(model64, ids, layers, component).items():
                 sums[layer][side] = sums[layer][side] + select(hidden, token_position)
     return {layer: (s[0] - s[1]) / len(pairs) for layer, s in sums.items()}
 

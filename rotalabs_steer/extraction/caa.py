@@ -20,7 +20,8 @@ from .. import _core
 from ..batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
 from ..capture import accumulate_batches
 from ..datasets.base import ContrastPairDataset, as_contrast_pairs
-from ..layers import find_decoder_blocks, hidden_size_of, resolve_layer_indices
+from ..distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
+from ..layers import COMPONENTS, component_module, find_decoder_blocks, hidden_size_of, resolve_layer_indices
 from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_separation
 from ..vectors import SteeringVector, SteeringVectorSet
 
@@ -41,6 +42,8 @@ def extract_caa_vector(
     max_length: int = DEFAULT_MAX_LENGTH,
     layer_modules=None,
     separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
+    component: str = "residual",
+    process_group=None,
 ) -> SteeringVector:
     """Extract the CAA steering vector of one layer (the output of decoder block ``layer_idx``).
 
@@ -51,7 +54,8 @@ def extract_caa_vector(
     if isinstance(layer_idx, bool) or not hasattr(type(layer_idx), "__index__"):
         raise TypeError(f"layer_idx must be an int, got {layer_idx!r} ({type(layer_idx).__name__})")
     vectors = _extract(model, tokenizer, contrast_pairs, [layer_idx], "layer_idx", token_position,
-                       show_progress, batch_size, max_length, layer_modules, separation_sample)
+                       show_progress, batch_size, max_length, layer_modules, separation_sample,
+                       component, process_group)
     return next(iter(vectors))
 
 
@@ -67,6 +71,8 @@ def extract_caa_vectors(
     max_length: int = DEFAULT_MAX_LENGTH,
     layer_modules=None,
     separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
+    component: str = "residual",
+    process_group=None,
 ) -> SteeringVectorSet:
     """Extract CAA steering vectors for several layers in one pass over the pairs.
 
@@ -87,15 +93,24 @@ def extract_caa_vectors(
         separation_sample: rows per layer kept (uniformly at random) to measure how well each
             vector separates held-out positive from negative rows (``metadata["separation_*"]``,
             ``get_best("separation")``); 0 turns it off. Memory: sample × hidden × 8 bytes a layer.
+        component: ``"residual"`` (the block output, the default), ``"mlp"`` or ``"attn"``: the
+            output of the block's feed-forward or self-attention submodule.
+        process_group: a ``torch.distributed`` group to split the pairs over; by default the
+            world group when ``torch.distributed`` is initialised (see ``distributed.py``).
+            Every rank gets the same vectors.
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, "layer_indices", token_position,
-                    show_progress, batch_size, max_length, layer_modules, separation_sample)
+                    show_progress, batch_size, max_length, layer_modules, separation_sample,
+                    component, process_group)
 
 
 def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, token_position,
-             show_progress, batch_size, max_length, layer_modules, separation_sample) -> SteeringVectorSet:
+             show_progress, batch_size, max_length, layer_modules, separation_sample,
+             component, process_group) -> SteeringVectorSet:
     if token_position not in TOKEN_POSITIONS:
         raise ValueError(f"token_position must be one of {TOKEN_POSITIONS}, got {token_position!r}")
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
     batch_size = _int_at_least(batch_size, "batch_size", 1)
     max_length = _int_at_least(max_length, "max_length", 1)
     separation_sample = _int_at_least(separation_sample, "separation_sample", 0)
@@ -118,23 +133,37 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     read_chars = _answer_chars(pairs) if token_position == "answer" else None
     token_ids, read_indices = tokenize(tokenizer, texts, max_length, read_chars)
     _check_fits_model(model, token_ids, max_length)
-    batches = make_batches(token_ids, groups, token_position, batch_size, pad_token_id(tokenizer),
-                           read_indices)
+    modules = [component_module(blocks.modules[i], component)[0] for i in layers]
+
+    group = resolve_group(process_group)
+    mine = share_of_rows([len(row) for row in token_ids], group)
+    batches = make_batches([token_ids[i] for i in mine], [groups[i] for i in mine], token_position,
+                           batch_size, pad_token_id(tokenizer),
+                           None if read_indices is None else [read_indices[i] for i in mine])
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
-    with tqdm(total=len(texts), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
-        accumulate_batches(model, [blocks.modules[i] for i in layers], batches, accumulator,
-                           on_batch=lambda batch: bar.update(batch.num_rows))
+    show_progress = show_progress and rank_and_size(group)[0] == 0
+    with tqdm(total=len(mine), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
+        if mine:
+            accumulate_batches(model, modules, batches, accumulator,
+                               on_batch=lambda batch: bar.update(batch.num_rows))
+    if group is not None:
+        all_reduce_state(accumulator, group)
 
     sums, counts = accumulator.state()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
     vectors = []
     for slot, layer in enumerate(layers):
         vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
-                              len(pairs), batch_size, model)
+                              len(pairs), batch_size, model, component)
+        if group is not None:
+            vector.metadata["world_size"] = rank_and_size(group)[1]
         if accumulator.sample_rows:
-            figures = held_out_separation(sums[slot], counts[slot], *accumulator.samples(slot))
+            samples = accumulator.samples(slot)
+            if group is not None:
+                samples = gather_samples(*samples, group)
+            figures = held_out_separation(sums[slot], counts[slot], *samples)
             vector.metadata.update({f"separation_{k}": _finite_or_none(v) for k, v in figures.items()},
                                    separation_folds=folds)
         vectors.append(vector)
@@ -203,7 +232,7 @@ def _int_at_least(value, name: str, minimum: int) -> int:
 
 def _make_vector(
     sums: np.ndarray, counts: np.ndarray, layer: int, behavior: str, model_name: str,
-    token_position: str, num_pairs: int, batch_size: int, model,
+    token_position: str, num_pairs: int, batch_size: int, model, component: str,
 ) -> SteeringVector:
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums: the error below says so
         pos_mean = sums[POSITIVE::2].sum(0) / counts[POSITIVE::2].sum()
@@ -234,9 +263,17 @@ def _make_vector(
             "cosine_pos_neg": _cosine(pos_mean, neg_mean),
             "batch_size": batch_size,
             "model_dtype": _model_dtype(model),
-            "layer_semantics": "output of decoder block layer_index (hidden_states[layer_index + 1])",
+            "component": component,
+            "layer_semantics": _LAYER_SEMANTICS[component],
         },
     )
+
+
+_LAYER_SEMANTICS = {
+    "residual": "output of decoder block layer_index (hidden_states[layer_index + 1])",
+    "mlp": "output of the feed-forward (MLP) submodule of decoder block layer_index",
+    "attn": "output of the self-attention submodule of decoder block layer_index",
+}
 
 
 def _finite_or_none(value):
