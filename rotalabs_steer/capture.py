@@ -47,12 +47,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    """Register forward hooks; remove every one of them on exit, whatever happened."""
+def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]], prepend: bool = False) -> Iterator[None]:
+    """Register forward hooks (before existing ones if ``prepend``); remove them all on exit."""
     handles = []
     try:
         for module, hook in pairs:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook, prepend=prepend))
         yield
     finally:
         for handle in handles:

@@ -28,8 +28,8 @@ class ModelConfig:
     hidden_size: int
     layer_template: str = "model.layers.{i}"
     residual_template: str = "model.layers.{i}"
-    mlp_template: str = "model.layers.{i}.mlp"
-    attn_template: str = "model.layers.{i}.self_attn"
+    mlp_template: str | None = "model.layers.{i}.mlp"
+    attn_template: str | None = "model.layers.{i}.self_attn"
     recommended_layers: dict[str, list[int]] = field(default_factory=dict)
 
     def get_recommended_layers(self, behavior: str) -> list[int]:
@@ -137,7 +137,13 @@ def get_model_config(model_name: str) -> ModelConfig:
 
 
 def infer_model_config(model) -> ModelConfig:
-    """Config of a loaded model: the known entry for its name, else read off its structure."""
+    """Config of a loaded model: the known entry for its name, else read off its structure.
+
+    Read off the structure, the templates are the real module paths of this model, e.g.
+    GPT-2 ``transformer.h.{i}.attn``, GPT-NeoX ``gpt_neox.layers.{i}.attention``, OPT's MLP
+    ``model.decoder.layers.{i}.fc2``; ``mlp_template`` / ``attn_template`` are None when the
+    blocks have no such submodule under a name we know (pass ``layer_modules=`` then).
+    """
     from .layers import find_decoder_blocks, hidden_size_of
 
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -147,13 +153,26 @@ def infer_model_config(model) -> ModelConfig:
         except ValueError:
             pass
     blocks = find_decoder_blocks(model)
-    path = blocks.path or "model.layers"
+    template = f"{blocks.path}.{{i}}" if blocks.path else "{i}"
     return ModelConfig(
         name=name or "unknown",
         num_layers=len(blocks.modules),
         hidden_size=hidden_size_of(model),
-        layer_template=f"{path}.{{i}}",
-        residual_template=f"{path}.{{i}}",
-        mlp_template=f"{path}.{{i}}.mlp",
-        attn_template=f"{path}.{{i}}.self_attn",
+        layer_template=template,
+        residual_template=template,
+        mlp_template=_component_template(blocks.modules, template, "mlp"),
+        attn_template=_component_template(blocks.modules, template, "attn"),
     )
+
+
+def _component_template(blocks, template: str, component: str) -> str | None:
+    """``template`` extended by the path of ``component`` inside the blocks, if every block has it there."""
+    from .layers import component_module
+
+    try:
+        paths = {component_module(block, component)[1] for block in blocks}
+    except ValueError:
+        return None
+    if len(paths) != 1:
+        return None
+    return f"{template}.{paths.pop()}"

@@ -14,7 +14,8 @@ from torch import nn
 
 # Where the common architectures keep their blocks, most common first.
 KNOWN_BLOCK_PATHS = (
-    "model.layers",                      # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Cohere, GPT-OSS
+    "model.layers",                      # Llama, Mistral, Mixtral, Qwen2/3 (+MoE), Gemma 1-3, Phi, Phi-3,
+                                         # StableLM, OLMo 2, Cohere, GPT-OSS
     "model.language_model.layers",       # vision-language wrappers (Llava, Gemma 3, Qwen2-VL, ...)
     "language_model.model.layers",       # older vision-language wrappers
     "transformer.h",                     # GPT-2, GPT-J, Falcon, BLOOM, CodeGen
@@ -143,7 +144,10 @@ def hidden_size_of(model: nn.Module) -> int:
 COMPONENTS = ("residual", "mlp", "attn")
 
 # Submodule of a decoder block whose output is the component, in the order tried.
-# OPT has no MLP module: its feed-forward ends in fc2, whose output is the MLP output.
+# Names in transformers 5: mlp (also the MoE blocks of Mixtral, Qwen2/3-MoE, GPT-OSS, whose
+# output is a (hidden, router_scores) tuple in GPT-OSS); self_attn, attn (GPT-2, GPT-J),
+# attention (GPT-NeoX), self_attention (Falcon, BLOOM). OPT has no MLP module: its
+# feed-forward ends in fc2, whose output is the MLP output, flattened to [batch * seq, hidden].
 _COMPONENT_NAMES = {
     "mlp": ("mlp", "feed_forward", "block_sparse_moe", "ffn", "fc2"),
     "attn": ("self_attn", "attn", "attention", "self_attention"),

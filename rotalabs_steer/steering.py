@@ -196,7 +196,11 @@ class _InjectorBase:
              _BlockSteerer(terms, self._step, self.injection_mode, self.apply_to, self.operator, self.keep_norm))
             for layer, terms in self._terms_by_layer().items()
         ]
-        context = forward_hooks(hooks)
+        # Prepended: the steered output is what every other hook on the block sees, as the
+        # next block does. transformers 5 puts permanent output-capturing hooks on decoder
+        # blocks the first time a model runs with output_hidden_states=True; appended after
+        # those, steering would be missing from the hidden_states it reports.
+        context = forward_hooks(hooks, prepend=True)
         context.__enter__()
         try:
             handle = self._step_owner().register_forward_pre_hook(self._step.read, with_kwargs=True)
