@@ -101,6 +101,19 @@ class DeviceRowCollector:
         self._rows = {}
 
 
+class _Unflattening:
+    """Passes 2-D ``[batch * seq, hidden]`` outputs on to a CaptureHook as ``[batch, seq, hidden]``."""
+
+    def __init__(self, hook: _core.CaptureHook, accumulator: _core.Accumulator) -> None:
+        self.hook, self.accumulator = hook, accumulator
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        tensor = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2:
+            output = tensor.view(self.accumulator.batch_rows, -1, tensor.shape[-1])
+        return self.hook(module, args, output)
+
+
 def _on_accelerator(blocks: Sequence[nn.Module]) -> bool:
     return any(p.device.type not in ("cpu", "meta") for b in blocks for p in b.parameters())
 
@@ -111,8 +124,13 @@ def accumulate_batches(
     batches: Iterable[TokenBatch],
     accumulator: _core.Accumulator,
     on_batch: Callable[[TokenBatch], None] | None = None,
+    unflatten: bool = False,
 ) -> None:
-    """Run every batch through ``model``, adding block outputs of ``blocks[slot]`` to ``slot``."""
+    """Run every batch through ``model``, adding outputs of ``blocks[slot]`` to ``slot``.
+
+    ``unflatten``: the hooked modules may return ``[batch * seq, hidden]`` (OPT's MLP does);
+    view such outputs as ``[batch, seq, hidden]`` before reading them.
+    """
     device = input_device(model)
     deepest = _deepest_slot(model, blocks)
     collector = DeviceRowCollector() if _on_accelerator(blocks) else None
@@ -120,7 +138,8 @@ def accumulate_batches(
         _core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=collector)
         for slot in range(len(blocks))
     ]
-    with eval_mode(model), forward_hooks(zip(blocks, hooks)), torch.inference_mode():
+    callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
+    with eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
         try:
             for batch in batches:
                 _run_batch(model, batch, device, accumulator, hooks, collector)

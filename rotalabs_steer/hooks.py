@@ -83,6 +83,7 @@ class ActivationHook:
         self._modules = [component_module(blocks.modules[i], component)[0] for i in resolved]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stop_after: nn.Module | None = None
+        self._batch_shape: tuple[int, int] | None = None
 
     @property
     def is_attached(self) -> bool:
@@ -92,6 +93,7 @@ class ActivationHook:
         if self._handles:
             return self
         try:
+            self._handles.append(self.model.register_forward_pre_hook(self._note_batch, with_kwargs=True))
             for layer, module in zip(self.layer_indices, self._modules):
                 self._handles.append(module.register_forward_hook(self._hook_for(layer, module)))
         except BaseException:
@@ -115,9 +117,16 @@ class ActivationHook:
         found = ((layer, self.cache.get(f"layer_{layer}")) for layer in self.layer_indices)
         return {layer: act for layer, act in found if act is not None}
 
+    def _note_batch(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """[batch, seq] of the forward: OPT's MLP returns [batch * seq, hidden] rows."""
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        self._batch_shape = tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+
     def _hook_for(self, layer: int, module: nn.Module):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             activation = output[0] if isinstance(output, (tuple, list)) else output
+            if activation.dim() == 2 and self._batch_shape is not None:
+                activation = activation.view(*self._batch_shape, activation.shape[-1])
             self.cache.store(f"layer_{layer}", self._select(activation))
             if module is self._stop_after:
                 raise _StopAfterDeepest

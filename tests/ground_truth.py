@@ -17,7 +17,9 @@ def block_outputs(model, input_ids: list[int], layers: list[int], component: str
 
     def keep(layer):
         def hook(module, args, output):
-            captured[layer] = (output[0] if isinstance(output, tuple) else output)[0].detach().clone()
+            hidden = output[0] if isinstance(output, tuple) else output
+            # [1, seq, hidden]; OPT's MLP returns its rows flattened, [seq, hidden] for one text.
+            captured[layer] = (hidden[0] if hidden.dim() == 3 else hidden).detach().clone()
         return hook
 
     handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in layers]

@@ -298,8 +298,12 @@ CASES = [
          r"tokenizer has neither pad_token_id nor eos_token_id.*set tokenizer\.pad_token.*batch_size=1", env="nopad"),
     Case("tokenizer_vocab_larger_than_model", lambda e: _small_vocab_extract(e), ValueError,
          r"tokenizer produced token id \d+, but the model's input embedding has 16 rows"),
-    Case("max_length_beyond_positions", lambda e: _short_positions_extract(e), ValueError,
-         r"max_length=64 lets a text reach \d+ tokens, but the model has n_positions=8; pass max_length <= 8"),
+    Case("max_length_beyond_positions", lambda e: _short_positions_extract(e, "gpt2"), ValueError,
+         r"max_length=64 lets a text reach \d+ tokens, but the model has learned absolute positions for 8 "
+         r"tokens only; pass max_length <= 8"),
+    Case("max_length_beyond_opt_positions", lambda e: _short_positions_extract(e, "opt"), ValueError,
+         r"max_length=64 lets a text reach \d+ tokens, but the model has learned absolute positions for 8 "
+         r"tokens only; pass max_length <= 8"),
     # --- non-finite activations
     Case("activations_inf_middle_block", lambda e: ES(e, [0, 1, NUM_LAYERS - 1], batch_size=2), ValueError,
          r"activations at layer 1 contain NaN or inf.*no vector was produced", env="inf1"),
@@ -481,12 +485,17 @@ def _small_vocab_extract(env: Env):
         assert hook_count(model) == 0
 
 
-def _short_positions_extract(env: Env):
-    """A GPT-2 with 8 learned positions, and texts longer than that."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _short_positions_extract(env: Env, kind: str):
+    """A GPT-2 or OPT with 8 learned positions, and texts longer than that."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=8)).eval()
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=8))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=512, hidden_size=HIDDEN, num_hidden_layers=2, ffn_dim=128,
+                                         num_attention_heads=4, max_position_embeddings=8, word_embed_proj_dim=HIDDEN))
+    model.eval()
     try:
         return extract_caa_vector(model, env.tok, env.pairs, 1, show_progress=False, max_length=64)
     finally:

@@ -147,3 +147,28 @@ def test_reference_import_paths():
     from rotalabs_steer.core.configs import MODEL_CONFIGS  # noqa: F401
 
     assert core_hook is ActivationHook and core_extract is extract_activations
+
+
+@pytest.fixture(scope="module", params=sorted(__import__("arch_zoo").ARCHITECTURES))
+def zoo_model(request):
+    from arch_zoo import ARCHITECTURES
+
+    return request.param, ARCHITECTURES[request.param]()
+
+
+def test_components_of_every_architecture_match_float64_truth(zoo_model):
+    """mlp and attn outputs on every layout (OPT's MLP runs on flattened [batch * seq] rows)."""
+    name, model = zoo_model
+    tokenizer = make_tokenizer(padding_side="left")
+    for component in ("mlp", "attn"):
+        want = caa_truth(model, tokenizer, pairs(4), [2], "mean", component=component)[2]
+        got = extract_caa_vector(model, tokenizer, pairs(4), 2, "mean", show_progress=False, batch_size=3,
+                                 component=component)
+        assert relative_error(got.vector, want) <= TOLERANCE, f"{name} {component}"
+        # Right-padded: left padding would shift GPT-2/OPT-style absolute positions in the user's own forward.
+        inputs = make_tokenizer()([p["positive"] for p in pairs(3)], return_tensors="pt", padding=True)
+        last = extract_activations(model, inputs, [2], component, "last")[2]
+        for i, text in enumerate(p["positive"] for p in pairs(3)):
+            truth = block_outputs(model, tokenizer(text)["input_ids"], [2], component)[2][-1]
+            torch.testing.assert_close(last[i, 0], truth, rtol=1e-4, atol=1e-5, msg=f"{name} {component}")
+    assert no_hooks_left(model)

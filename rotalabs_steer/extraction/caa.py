@@ -147,7 +147,8 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     with tqdm(total=len(mine), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
         if mine:
             accumulate_batches(model, modules, batches, accumulator,
-                               on_batch=lambda batch: bar.update(batch.num_rows))
+                               on_batch=lambda batch: bar.update(batch.num_rows),
+                               unflatten=component != "residual")
     if group is not None:
         all_reduce_state(accumulator, group)
 
@@ -205,15 +206,25 @@ def _check_fits_model(model, token_ids, max_length: int) -> None:
                 f"tokenizer produced token id {top}, but the model's input embedding has {rows} rows: "
                 "the tokenizer does not belong to this model"
             )
-    config = getattr(model, "config", None)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    positions = getattr(config, "n_positions", None)  # GPT-2 style learned absolute positions
+    positions = _learned_positions(model)
     longest = max(len(row) for row in token_ids)
-    if isinstance(positions, int) and longest > positions:
+    if positions is not None and longest > positions:
         raise ValueError(
-            f"max_length={max_length} lets a text reach {longest} tokens, but the model has "
-            f"n_positions={positions}; pass max_length <= {positions}"
+            f"max_length={max_length} lets a text reach {longest} tokens, but the model has learned "
+            f"absolute positions for {positions} tokens only; pass max_length <= {positions}"
         )
+
+
+# Learned absolute position embeddings: GPT-2/GPT-J-style wpe, OPT embed_positions, ...
+_POSITION_EMBEDDING_NAMES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _learned_positions(model) -> int | None:
+    """How many positions the model's learned position table covers, if it has one."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDING_NAMES:
+            return module.num_embeddings - int(getattr(module, "offset", 0))  # OPT keeps 2 rows spare
+    return None
 
 
 def _int_at_least(value, name: str, minimum: int) -> int:
