@@ -20,8 +20,12 @@ from .batching import TokenBatch
 
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must live: the device of the input embeddings."""
+    offloaded = _offloaded_modules(model)
     for name, parameter in model.named_parameters():
-        if parameter.device.type == "meta":
+        owner = name.rpartition(".")[0]
+        if parameter.device.type == "meta" and not any(
+            owner == path or owner.startswith(path + ".") or path == "" for path in offloaded
+        ):
             raise ValueError(
                 f"model has parameters on the 'meta' device ({name}): its weights are not "
                 "loaded; load the model (or dispatch it with device_map) before extraction"
@@ -32,6 +36,23 @@ def input_device(model: nn.Module) -> torch.device:
         return weight.device
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def _offloaded_modules(model: nn.Module) -> list[str]:
+    """Paths of modules whose weights accelerate loads on the fly (device_map offload to cpu/disk).
+
+    Their parameters sit on 'meta' between forwards by design; an accelerate hook
+    (``_hf_hook``) on the module or an ancestor brings them in.
+    """
+    return [name for name, module in model.named_modules() if _offloads(getattr(module, "_hf_hook", None))]
+
+
+def _offloads(hook) -> bool:
+    if hook is None:
+        return False
+    if isinstance(getattr(hook, "hooks", None), (list, tuple)):  # accelerate's SequentialHook
+        return any(_offloads(inner) for inner in hook.hooks)
+    return bool(getattr(hook, "offload", False))
 
 
 @contextmanager
@@ -114,10 +135,6 @@ class _Unflattening:
         return self.hook(module, args, output)
 
 
-def _on_accelerator(blocks: Sequence[nn.Module]) -> bool:
-    return any(p.device.type not in ("cpu", "meta") for b in blocks for p in b.parameters())
-
-
 def accumulate_batches(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -133,7 +150,8 @@ def accumulate_batches(
     """
     device = input_device(model)
     deepest = _deepest_slot(model, blocks)
-    collector = DeviceRowCollector() if _on_accelerator(blocks) else None
+    # Used only for tensors the C core cannot read (an accelerator's, or offloaded blocks run there).
+    collector = DeviceRowCollector()
     hooks = [
         _core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=collector)
         for slot in range(len(blocks))
@@ -164,14 +182,13 @@ def _run_batch(
     device: torch.device,
     accumulator: _core.Accumulator,
     hooks: Sequence[_core.CaptureHook],
-    collector: DeviceRowCollector | None,
+    collector: DeviceRowCollector,
 ) -> None:
     if batch.read_index is not None:
         accumulator.set_batch(batch.groups, index=batch.read_index)
     else:
         accumulator.set_batch(batch.groups, mask=batch.attention_mask)
-    if collector is not None:
-        collector.begin(batch)
+    collector.begin(batch)
     calls_before = [hook.calls for hook in hooks]
     try:
         model(
@@ -187,5 +204,4 @@ def _run_batch(
             f"hooked block(s) at slot(s) {missed} did not run exactly once in the forward; "
             "the block list does not match how this model executes (pass layer_modules=...)"
         )
-    if collector is not None:
-        collector.flush(accumulator)
+    collector.flush(accumulator)
