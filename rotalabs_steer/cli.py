@@ -196,6 +196,10 @@ def _run_extract(args) -> None:
         for v in vectors]))
     print(f"saved {len(vectors)} {vectors.behavior} vectors ({len(pairs)} pairs) to {args.out}/")
     _save_plot(lambda plots: plots.plot_layer_metrics(vectors), args.out / "layers.png")
+    for vector in vectors:
+        if vector.held_out_projections is not None and len(vector.held_out_projections["positive"]):
+            _save_plot(lambda plots, v=vector: plots.plot_held_out_projections(v),
+                       args.out / f"projections_layer{vector.layer_index}.png")
 
 
 def _run_info(args) -> None:

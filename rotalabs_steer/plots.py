@@ -68,15 +68,42 @@ def plot_projection_histogram(vector: SteeringVector, positive_rows, negative_ro
     negative = _rows(negative_rows, "negative_rows", vector.dim) @ unit
     midpoint = (positive.mean() + negative.mean()) / 2
     accuracy = (np.sum(positive > midpoint) + np.sum(negative <= midpoint)) / (len(positive) + len(negative))
+    return _draw_projections(
+        plt, positive, negative, midpoint, "midpoint of means", bins,
+        title or f"{vector.behavior}, layer {vector.layer_index}: accuracy {accuracy:.2f}, "
+                 f"Cohen's d {cohens_d(positive, negative):.2f} on these rows")
+
+
+def plot_held_out_projections(vector: SteeringVector, *, bins: int = 30, title: str | None = None):
+    """Histograms of the held-out rows extraction sampled, scored against the other folds' vector.
+
+    Needs a vector fresh from ``extract_caa_vector(s)`` (``held_out_projections`` is not saved
+    to disk). These are the scores behind ``metadata["separation_accuracy"]`` / ``cohens_d``.
+    """
+    plt = _pyplot()
+    projections = vector.held_out_projections
+    if not projections or len(projections["positive"]) + len(projections["negative"]) == 0:
+        raise ValueError("vector has no held-out projections: they come from extraction with "
+                         "separation_sample > 0 and at least 2 pairs, and are not saved to disk")
+    positive, negative = np.asarray(projections["positive"]), np.asarray(projections["negative"])
+    accuracy = vector.metadata.get("separation_accuracy")
+    d = vector.metadata.get("separation_cohens_d")
+    figures = ", ".join(f"{name} {value:.2f}" for name, value in (("accuracy", accuracy), ("Cohen's d", d))
+                        if isinstance(value, float))
+    return _draw_projections(plt, positive, negative, 0.0, "held-out midpoint", bins,
+                             title or f"{vector.behavior}, layer {vector.layer_index}, held out: {figures}")
+
+
+def _draw_projections(plt, positive: np.ndarray, negative: np.ndarray, midpoint: float, midpoint_label: str,
+                      bins: int, title: str):
     edges = np.histogram_bin_edges(np.concatenate([positive, negative]), bins=bins)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ax.hist(positive, bins=edges, alpha=0.6, color="tab:red", label=f"positive (n={len(positive)})")
     ax.hist(negative, bins=edges, alpha=0.6, color="tab:blue", label=f"negative (n={len(negative)})")
-    ax.axvline(midpoint, color="gray", linestyle="--", label="midpoint of means")
+    ax.axvline(midpoint, color="gray", linestyle="--", label=midpoint_label)
     ax.set(xlabel="projection onto the unit vector", ylabel="rows")
     ax.legend()
-    ax.set_title(title or f"{vector.behavior}, layer {vector.layer_index}: accuracy {accuracy:.2f}, "
-                          f"Cohen's d {cohens_d(positive, negative):.2f} on these rows")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

@@ -27,7 +27,25 @@ def held_out_separation(fold_sums: np.ndarray, fold_counts: np.ndarray, rows: np
 
     Group code ``g`` means side ``g % 2`` (0 positive, 1 negative) of fold ``g // 2``.
     """
+    return projection_figures(*held_out_projections(fold_sums, fold_counts, rows, row_groups))
+
+
+def projection_figures(positive: np.ndarray, negative: np.ndarray) -> dict[str, float | int]:
+    """Accuracy of the sign of held-out scores, and Cohen's d between the two sides."""
+    total = len(positive) + len(negative)
+    if total == 0:
+        return {"accuracy": float("nan"), "cohens_d": float("nan"), "sample_size": 0}
+    accuracy = float((np.sum(positive > 0) + np.sum(negative <= 0)) / total)
+    return {"accuracy": accuracy, "cohens_d": cohens_d(positive, negative), "sample_size": total}
+
+
+def held_out_projections(fold_sums: np.ndarray, fold_counts: np.ndarray, rows: np.ndarray,
+                         row_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of sampled positive and negative rows: each row projected onto the unit vector
+    of the other folds, centred on their midpoint (positive scores lean positive)."""
     folds = fold_sums.shape[0] // 2
+    if len(rows) == 0 or folds < 2:
+        return np.zeros(0), np.zeros(0)
     pos_sums, neg_sums = fold_sums[0::2], fold_sums[1::2]
     pos_counts, neg_counts = fold_counts[0::2].astype(np.float64), fold_counts[1::2].astype(np.float64)
     pos_rest = (pos_sums.sum(0) - pos_sums) / np.maximum(pos_counts.sum() - pos_counts, 1)[:, None]
@@ -37,13 +55,8 @@ def held_out_separation(fold_sums: np.ndarray, fold_counts: np.ndarray, rows: np
     units = np.divide(directions, norms, out=np.zeros_like(directions), where=norms > 0)
     midpoints = (pos_rest + neg_rest) / 2
     fold, side = row_groups // 2, row_groups % 2
-    if len(rows) == 0 or folds < 2:
-        return {"accuracy": float("nan"), "cohens_d": float("nan"), "sample_size": int(len(rows))}
     scores = np.einsum("nh,nh->n", rows - midpoints[fold], units[fold])
-    positive = side == 0
-    accuracy = float(np.mean((scores > 0) == positive))
-    return {"accuracy": accuracy, "cohens_d": cohens_d(scores[positive], scores[~positive]),
-            "sample_size": int(len(rows))}
+    return scores[side == 0], scores[side == 1]
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:

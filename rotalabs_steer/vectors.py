@@ -32,6 +32,9 @@ class SteeringVector:
     model_name: str
     extraction_method: str = "caa"
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Set by extraction, not saved: held-out sampled rows projected onto the unit vector of
+    # the folds they were not part of, minus the midpoint, {"positive": [n], "negative": [m]}.
+    held_out_projections: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, torch.Tensor):
@@ -60,6 +63,7 @@ class SteeringVector:
             model_name=self.model_name,
             extraction_method=self.extraction_method,
             metadata={**self.metadata, **extra_metadata},
+            held_out_projections=self.held_out_projections,  # direction unchanged by these copies
         )
 
     def normalize(self) -> SteeringVector:

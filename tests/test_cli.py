@@ -60,6 +60,8 @@ def test_extract_saves_the_set_and_a_plot(model_dir, vectors_dir):
     assert loaded.behavior == "refusal" and loaded.layers == [1, 2, 3]
     assert loaded[2].dim == HIDDEN and loaded[2].metadata["batch_size"] == 8
     assert (vectors_dir / "layers.png").stat().st_size > 0
+    for layer in (1, 2, 3):
+        assert (vectors_dir / f"projections_layer{layer}.png").stat().st_size > 0
 
 
 def test_extract_prints_the_layer_table(model_dir, tmp_path, capsys):

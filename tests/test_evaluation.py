@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from rotalabs_steer import SteeringVector
-from rotalabs_steer.datasets import EvaluationDataset, load_caa_ab, load_evaluation_prompts
+from rotalabs_steer.datasets import EvaluationDataset, load_caa_ab, load_evaluation_prompts, load_refusal_pairs
 from rotalabs_steer.evaluation import (
     COMPLIANCE_OPENINGS,
     REFUSAL_OPENINGS,
@@ -18,7 +19,8 @@ from rotalabs_steer.evaluation import (
     refusal_logprob,
     strength_sweep,
 )
-from tiny_models import NUM_LAYERS, make_model, make_tokenizer
+from rotalabs_steer.extraction import extract_caa_vector
+from tiny_models import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
 
 LAST = NUM_LAYERS - 1
 # Planted unit vectors act on the last block's output, whose norm is ~0.3 in the tiny models.
@@ -217,3 +219,21 @@ def test_projection_histogram_of_sampled_rows():
         plot_projection_histogram(vector, rows, rows[:, :4])
     with pytest.raises(ValueError, match="no direction"):
         plot_projection_histogram(SteeringVector("refusal", 2, torch.zeros(8), "tiny"), rows, rows)
+
+
+def test_held_out_projection_histogram_of_an_extracted_vector():
+    matplotlib = pytest.importorskip("matplotlib")
+    from rotalabs_steer.plots import plot_held_out_projections
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    pairs = [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:10]]
+    vector = extract_caa_vector(model, tokenizer, pairs, 2, show_progress=False, batch_size=4)
+    projections = vector.held_out_projections
+    assert len(projections["positive"]) == len(projections["negative"]) == 10
+    accuracy = (np.sum(projections["positive"] > 0) + np.sum(projections["negative"] <= 0)) / 20
+    assert accuracy == vector.metadata["separation_accuracy"]
+    assert vector.normalize().held_out_projections is projections
+    figure = plot_held_out_projections(vector)
+    assert isinstance(figure, matplotlib.figure.Figure) and "held out: accuracy" in figure.axes[0].get_title()
+    with pytest.raises(ValueError, match="no held-out projections"):
+        plot_held_out_projections(SteeringVector("refusal", 2, torch.ones(HIDDEN), "tiny"))

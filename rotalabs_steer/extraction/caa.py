@@ -22,7 +22,7 @@ from ..capture import accumulate_batches
 from ..datasets.base import ContrastPairDataset, as_contrast_pairs
 from ..distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
 from ..layers import COMPONENTS, component_module, find_decoder_blocks, hidden_size_of, resolve_layer_indices
-from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_separation
+from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
 from ..vectors import SteeringVector, SteeringVectorSet
 
 TokenPosition = Literal["last", "first", "mean", "answer"]
@@ -164,7 +164,9 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
             samples = accumulator.samples(slot)
             if group is not None:
                 samples = gather_samples(*samples, group)
-            figures = held_out_separation(sums[slot], counts[slot], *samples)
+            positive, negative = held_out_projections(sums[slot], counts[slot], *samples)
+            vector.held_out_projections = {"positive": positive, "negative": negative}
+            figures = projection_figures(positive, negative)
             vector.metadata.update({f"separation_{k}": _finite_or_none(v) for k, v in figures.items()},
                                    separation_folds=folds)
         vectors.append(vector)
