@@ -10,7 +10,8 @@ from rotalabs_steer import _core
 from rotalabs_steer.extraction import extract_caa_vectors
 from rotalabs_steer.separation import held_out_separation
 from rotalabs_steer.vectors import SteeringVector, SteeringVectorSet
-from tiny_models import make_model, make_tokenizer
+from rotalabs_steer.datasets import load_refusal_pairs
+from tiny_models import HIDDEN, make_model, make_tokenizer
 
 
 def test_reservoir_keeps_a_bounded_uniform_sample():
@@ -104,3 +105,53 @@ def test_extraction_records_separation(pairs):
     torch.testing.assert_close(off[0].vector, vectors[0].vector)
     with pytest.raises(ValueError, match="separation_sample"):
         extract_caa_vectors(model, tokenizer, pairs, [0], show_progress=False, separation_sample=-1)
+
+
+def planted_signal_model():
+    """A tiny Llama whose block 2 alone writes the label into its output.
+
+    Texts end in token "A" (negative) or "B" (positive), whose embeddings are made identical,
+    so no block can tell them apart from the residual stream. Block 2 adds +v at "B" tokens
+    and -v at "A" tokens (reading the input ids the model was called with); block 3 removes
+    the v component again and adds a large label-free term that varies from text to text:
+    the biggest mean difference (the reference's "norm" pick) but no held-out signal.
+    """
+    model, tokenizer = make_model("llama", seed=11), make_tokenizer(with_bos=False)
+    token_a, token_b = tokenizer(" A")["input_ids"][-1], tokenizer(" B")["input_ids"][-1]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token_b] = model.model.embed_tokens.weight[token_a]
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(HIDDEN, generator=generator)
+    v /= v.norm()
+    mixing = torch.randn(HIDDEN, HIDDEN, generator=generator) * 40
+    seen = {}
+
+    def remember_ids(module, args, kwargs):
+        seen["ids"] = kwargs["input_ids"]
+
+    def write_label(module, args, output):
+        label = (seen["ids"] == token_b).to(output.dtype) - (seen["ids"] == token_a).to(output.dtype)
+        return output + label[..., None] * v
+
+    def remove_label_add_noise(module, args, output):
+        output = output - (output @ v)[..., None] * v
+        noise = torch.tanh(output @ mixing) * 3.0
+        return output + noise - (noise @ v)[..., None] * v
+
+    model.register_forward_pre_hook(remember_ids, with_kwargs=True)
+    model.model.layers[2].register_forward_hook(write_label)
+    model.model.layers[3].register_forward_hook(remove_label_add_noise)
+    return model, tokenizer
+
+
+def test_separation_finds_the_planted_layer_where_norm_does_not():
+    model, tokenizer = planted_signal_model()
+    texts = [p.positive for p in load_refusal_pairs()] + [p.negative for p in load_refusal_pairs()]
+    texts = [text.split("Assistant:")[-1].strip() for text in texts][:80]
+    pairs = [{"positive": texts[2 * i] + " B", "negative": texts[2 * i + 1] + " A"} for i in range(40)]
+    vectors = extract_caa_vectors(model, tokenizer, pairs, [0, 1, 2, 3], show_progress=False, batch_size=8)
+    accuracy = {v.layer_index: v.metadata["separation_accuracy"] for v in vectors}
+    assert accuracy[2] == 1.0
+    assert max(accuracy[0], accuracy[1], accuracy[3]) <= 0.75, accuracy
+    assert vectors.get_best("separation").layer_index == 2
+    assert vectors.get_best("norm").layer_index == 3  # the reference's pick: the label-free noise
