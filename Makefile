@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TORCH := torch==2.13.0
 
-.PHONY: test demo build bench test-asan fuzz fuzz-short valgrind clean
+.PHONY: test demo build bench bench-peers bench-gpu test-asan fuzz fuzz-short valgrind clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,23 @@ test: build
 demo: build
 	$(PY) examples/demo.py
 
-bench: build
-	$(PY) bench/bench_extraction.py
+# Extraction benchmark (bench/run_bench.py): ours, rotalabs-steer 1.2.0, steering-vectors 0.12.2 and
+# the bare forward, each in its own process; writes bench/results/cpu.json, bench/RESULTS.md and
+# bench/results.png. Slow (about half an hour on 2 cores): run it on a quiet machine.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--quick" (smoke run) or "--only scaling".
+BENCH_ARGS ?=
+bench: build bench-peers
+	$(PY) bench/run_bench.py $(BENCH_ARGS)
+
+# The peers' virtual environments, bench/.venvs/{reference,steering-vectors} (skipped when up to date).
+bench-peers:
+	bash bench/setup_peers.sh $(PYTHON)
+
+# The GPU section (bench/results/gpu.json): a ~1.2B-parameter config-built model in bfloat16, ours
+# against the bare forward. Needs a CUDA GPU and a python3 with torch and transformers (not .venv).
+bench-gpu:
+	$(PYTHON) setup.py --quiet build_ext --inplace
+	$(PYTHON) bench/run_bench.py --gpu-model --device cuda --dtype bfloat16 $(BENCH_ARGS)
 
 # The C core under AddressSanitizer + UBSan, whole suite; restores the normal build after.
 test-asan: $(DEPS)
