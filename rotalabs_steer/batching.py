@@ -40,8 +40,18 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int,
     With ``read_chars`` (a character index per text, e.g. a CAA answer letter), also the
     index of the token that holds that character in each text.
     """
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    ids = [list(row) for row in encoded["input_ids"]]
+    texts = list(texts)
+    ids: list[list[int]] = []
+    read: list[int] | None = None if read_chars is None else []
+    # In chunks: one call over thousands of texts holds every Encoding (offsets, masks, ...)
+    # at once, and the allocator keeps that peak. Only the ids (and read indices) are kept.
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start:start + TOKENIZE_CHUNK]
+        encoded = tokenizer(chunk, truncation=True, max_length=max_length)
+        ids.extend(list(row) for row in encoded["input_ids"])
+        if read is not None:
+            read.extend(_read_indices(encoded, chunk, read_chars[start:start + TOKENIZE_CHUNK], start))
+        del encoded
     at_limit = [i for i, row in enumerate(ids) if len(row) >= max_length]
     if at_limit:
         full = tokenizer([texts[i] for i in at_limit], truncation=False)["input_ids"]
@@ -55,18 +65,24 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int,
     for i, row in enumerate(ids):
         if len(row) == 0:
             raise ValueError(f"contrast_pairs: text {i} ({texts[i]!r}) produced no tokens")
-    if read_chars is None:
-        return ids, None
+    return ids, read
+
+
+TOKENIZE_CHUNK = 256
+
+
+def _read_indices(encoded, texts: Sequence[str], read_chars: Sequence[int], offset: int) -> list[int]:
+    """Index of the token holding each text's ``read_chars`` character."""
     if not getattr(encoded, "is_fast", False):
         raise ValueError("token_position='answer' needs a fast tokenizer (character offsets)")
     read = []
     for i, char in enumerate(read_chars):
         token = encoded.char_to_token(i, char)
         if token is None:
-            raise ValueError(f"contrast_pairs: text {i}: character {char} ({texts[i][char:char + 1]!r}) "
-                             "maps to no token (truncated by max_length?)")
+            raise ValueError(f"contrast_pairs: text {offset + i}: character {char} "
+                             f"({texts[i][char:char + 1]!r}) maps to no token (truncated by max_length?)")
         read.append(token)
-    return ids, read
+    return read
 
 
 def pad_token_id(tokenizer) -> int | None:

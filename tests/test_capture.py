@@ -116,3 +116,15 @@ def test_last_block_is_reachable(pairs):
     model = make_model("gpt2")
     vector = extract_caa_vector(model, make_tokenizer(), pairs, NUM_LAYERS - 1, show_progress=False)
     assert vector.norm > 0
+
+
+def test_tokenize_in_chunks_equals_one_call(monkeypatch):
+    import rotalabs_steer.batching as batching
+    from rotalabs_steer.datasets import load_refusal_pairs
+
+    tokenizer = make_tokenizer()
+    texts = load_refusal_pairs().positives[:20]
+    monkeypatch.setattr(batching, "TOKENIZE_CHUNK", 7)
+    ids, read = batching.tokenize(tokenizer, texts, 40)
+    assert read is None
+    assert ids == [tokenizer(text, truncation=True, max_length=40)["input_ids"] for text in texts]

@@ -166,8 +166,15 @@ def test_progress_bar_counts_texts(pairs, capsys):
     assert f"{2 * len(pairs)}/{2 * len(pairs)}" in capsys.readouterr().err
 
 
-def test_answer_position_reads_the_answer_letter():
-    """CAA A/B items: the vector is read at the answer letter, wherever it sits in the text."""
+@pytest.mark.parametrize("chunk", [3, 256], ids=["chunks-of-3", "one-chunk"])
+def test_answer_position_reads_the_answer_letter(monkeypatch, chunk):
+    """CAA A/B items: the vector is read at the answer letter, wherever it sits in the text.
+
+    Texts are tokenized in chunks; read indices must follow their texts across chunk borders.
+    """
+    import rotalabs_steer.batching
+
+    monkeypatch.setattr(rotalabs_steer.batching, "TOKENIZE_CHUNK", chunk)
     from ground_truth import block_outputs
     from rotalabs_steer.datasets import load_caa_ab
 
