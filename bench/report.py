@@ -133,10 +133,12 @@ def targets(sections: list[dict]) -> list[tuple[str, str, bool | None]]:
             per_small = ours_small["median_s"] / small["pairs"]
             per_large = ours_large["median_s"] / large["pairs"]
             ratio = per_large / per_small
-            out.append((f"{prefix}scaling: time linear in pairs (time per pair at {large['pairs']:,} pairs within "
-                        f"±{TARGET_LINEAR:.0%} of that at {small['pairs']:,})",
+            # Linear or better: fixed costs (model warm-up per call, tokenizer start) amortize,
+            # so time per pair may fall with more pairs; it must not rise.
+            out.append((f"{prefix}scaling: time at most linear in pairs (time per pair at {large['pairs']:,} "
+                        f"pairs ≤ {1 + TARGET_LINEAR:.2f}x that at {small['pairs']:,})",
                         f"{per_small * 1e3:.2f} → {per_large * 1e3:.2f} ms/pair ({ratio:.2f}x)",
-                        abs(ratio - 1) <= TARGET_LINEAR))
+                        ratio <= 1 + TARGET_LINEAR))
     return out
 
 

@@ -155,11 +155,14 @@ def refusal_pairs() -> list[dict]:
     return [{"positive": p.positive, "negative": p.negative} for p in load_refusal_pairs()]
 
 
-def combined_pairs(n: int) -> list[dict]:
+def combined_pairs(n: int, pool: int = 0) -> list[dict]:
     """``n`` pairs made by combining the shipped datasets' user turns and reply pairs.
 
     Deterministic; any prefix is spread over every behaviour, so texts have the same length
-    distribution at every n (time should grow linearly in n).
+    distribution at every n (time should grow linearly in n). With ``pool`` > n, the longest
+    pair of the first ``pool`` takes the last place: the longest text sets the first (largest)
+    batch and so the activation peak, which then does not grow with n just because a larger
+    sample reaches a longer maximum; what is left of RSS growth is the extraction's own.
     """
     from rotalabs_steer.datasets import BEHAVIORS, load_behavior_pairs, render_exchange
 
@@ -173,11 +176,15 @@ def combined_pairs(n: int) -> list[dict]:
     count = len(records)
     step_reply, step_user = _coprime_step(count, 397), _coprime_step(count, 211)
     pairs = []
-    for k in range(n):
+    for k in range(max(n, pool)):
         _, positive, negative = records[(k * step_reply) % count]
         user = records[(k * step_user + k // count) % count][0]
         pairs.append({"positive": render_exchange(user, positive), "negative": render_exchange(user, negative)})
-    return pairs
+    longest = max(range(len(pairs)), key=lambda k: max(len(pairs[k]["positive"]), len(pairs[k]["negative"])))
+    chosen = pairs[:n]
+    if longest >= n:
+        chosen[-1] = pairs[longest]
+    return chosen
 
 
 def _coprime_step(count: int, start: int) -> int:
@@ -236,7 +243,7 @@ def cpu_workloads(quick: bool, n_refusal: int) -> tuple[list[Workload], dict, di
         dtype="float32", device="cpu")}
     pairs = {"refusal": lambda: refusal_pairs()[:n_refusal or None]}
     for n in sizes:
-        pairs[f"combined-{n}"] = (lambda n=n: combined_pairs(n))
+        pairs[f"combined-{n}"] = (lambda n=n: combined_pairs(n, pool=max(sizes)))
     return workloads, models, pairs
 
 
