@@ -71,10 +71,16 @@ def main() -> None:
     else:
         raise SystemExit(f"ours_driver: unknown system {system!r}")
 
+    from pathlib import Path
+
     import rotalabs_steer
 
+    # Which copy ran, relative to the repository (an absolute path would name this machine).
+    where = Path(rotalabs_steer.__file__).resolve()
+    repo = Path(__file__).resolve().parents[2]
+    where = where.relative_to(repo) if where.is_relative_to(repo) else Path("<outside the repository>")
     _common.run(job, extract, {"rotalabs_steer (ours)": getattr(rotalabs_steer, "__version__", "?"),
-                               "rotalabs_steer_path": rotalabs_steer.__file__})
+                               "rotalabs_steer_path": str(where)})
 
 
 if __name__ == "__main__":
