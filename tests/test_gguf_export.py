@@ -1,7 +1,8 @@
 """llama.cpp control vectors: bit-exact round trips, layer numbering, metadata, foreign files.
 
-llama-cpp-python is not installed here, so files are checked with the gguf package's reader,
-and llama.cpp's way of applying them is emulated from its sources (see rotalabs_steer.gguf_export).
+Files are checked with the gguf package's reader, and llama.cpp's way of applying them is
+emulated from its sources (see rotalabs_steer.gguf_export); test_llama_cpp_client.py runs
+llama.cpp itself where llama-cpp-python is installed.
 """
 
 from __future__ import annotations
