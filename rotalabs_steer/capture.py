@@ -8,6 +8,7 @@ the hooks come off and every module's ``training`` flag is restored.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -36,6 +37,33 @@ def input_device(model: nn.Module) -> torch.device:
         return weight.device
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+_HOOKED: set[int] = set()  # ids of modules an extraction has hooks on right now
+_HOOKED_LOCK = threading.Lock()
+
+
+@contextmanager
+def exclusive_use(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Refuse a second extraction on the same blocks while one runs (e.g. from another thread).
+
+    Forward hooks belong to the module, not to the caller: two extractions at once on one
+    model would each see the other's forwards and silently mix their sums.
+    """
+    keys = {id(module) for module in modules}
+    with _HOOKED_LOCK:
+        if keys & _HOOKED:
+            raise RuntimeError(
+                "another extraction is running on this model right now (in another thread?); hooks "
+                "belong to the model, so two at once would read each other's forwards: run them one "
+                "after the other, or on separate copies of the model"
+            )
+        _HOOKED.update(keys)
+    try:
+        yield
+    finally:
+        with _HOOKED_LOCK:
+            _HOOKED.difference_update(keys)
 
 
 def _offloaded_modules(model: nn.Module) -> list[str]:
@@ -157,7 +185,7 @@ def accumulate_batches(
         for slot in range(len(blocks))
     ]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
-    with eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
+    with exclusive_use(blocks), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
         try:
             for batch in batches:
                 _run_batch(model, batch, device, accumulator, hooks, collector)

@@ -183,3 +183,28 @@ def test_keyboard_interrupt_in_a_thread_leaves_the_other_thread_exact():
     assert outcome["victim"] == "interrupted"
     assert hook_count(victim) == 0 and hook_count(bystander) == 0
     assert_same_sets(outcome["bystander"], want)
+
+
+def test_a_second_extraction_on_the_same_model_is_refused_while_one_runs():
+    """Hooks belong to the model: a concurrent extraction would mix both threads' forwards."""
+    model = make_model("llama")
+    want = extract(model)
+    slow = model.model.layers[0].register_forward_pre_hook(lambda *args: time.sleep(0.2))
+    results, errors = [], []
+    worker = threading.Thread(target=lambda: results.append(extract(model)))
+    try:
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not model.model.layers[2]._forward_hooks and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the worker's hooks are on
+        try:
+            extract(model)
+        except RuntimeError as error:
+            errors.append(str(error))
+        worker.join()
+    finally:
+        slow.remove()
+    assert errors and "another extraction is running on this model" in errors[0]
+    assert_same_sets(results[0], want)
+    assert hook_count(model) == 0
+    assert_same_sets(extract(model), want)  # free again afterwards
