@@ -33,6 +33,9 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
+TOKENIZE_CHUNK = 256  # texts per tokenizer call
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int,
              read_chars: Sequence[int] | None = None) -> tuple[list[list[int]], list[int] | None]:
     """Token ids per text, exactly as ``tokenizer(text, truncation=True, max_length=...)``.
@@ -66,9 +69,6 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int,
         if len(row) == 0:
             raise ValueError(f"contrast_pairs: text {i} ({texts[i]!r}) produced no tokens")
     return ids, read
-
-
-TOKENIZE_CHUNK = 256
 
 
 def _read_indices(encoded, texts: Sequence[str], read_chars: Sequence[int], offset: int) -> list[int]:

@@ -21,16 +21,16 @@ from .batching import TokenBatch
 
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must live: the device of the input embeddings."""
-    offloaded = _offloaded_modules(model)
-    for name, parameter in model.named_parameters():
-        owner = name.rpartition(".")[0]
-        if parameter.device.type == "meta" and not any(
-            owner == path or owner.startswith(path + ".") or path == "" for path in offloaded
-        ):
-            raise ValueError(
-                f"model has parameters on the 'meta' device ({name}): its weights are not "
-                "loaded; load the model (or dispatch it with device_map) before extraction"
-            )
+    meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
+    if meta:
+        offloaded = _offloaded_modules(model)
+        for name in meta:
+            owner = name.rpartition(".")[0]
+            if not any(path == "" or owner == path or owner.startswith(path + ".") for path in offloaded):
+                raise ValueError(
+                    f"model has parameters on the 'meta' device ({name}): its weights are not "
+                    "loaded; load the model (or dispatch it with device_map) before extraction"
+                )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor):
@@ -177,7 +177,7 @@ def accumulate_batches(
     view such outputs as ``[batch, seq, hidden]`` before reading them.
     """
     device = input_device(model)
-    deepest = _deepest_slot(model, blocks)
+    deepest = deepest_slot(model, blocks)
     # Used only for tensors the C core cannot read (an accelerator's, or offloaded blocks run there).
     collector = DeviceRowCollector()
     hooks = [
@@ -195,7 +195,7 @@ def accumulate_batches(
             accumulator.clear_batch()
 
 
-def _deepest_slot(model: nn.Module, blocks: Sequence[nn.Module]) -> int:
+def deepest_slot(model: nn.Module, blocks: Sequence[nn.Module]) -> int:
     """The slot whose block runs last: the latest in module registration order."""
     order = {id(module): k for k, module in enumerate(model.modules())}
     for slot, block in enumerate(blocks):

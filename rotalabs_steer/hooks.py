@@ -16,6 +16,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
+from .capture import deepest_slot
 from .layers import component_module, find_decoder_blocks, resolve_layer_indices
 
 Component = Literal["residual", "mlp", "attn"]
@@ -167,16 +168,10 @@ def extract_activations(
         raise TypeError("inputs must be a dict of model inputs with 'input_ids' (e.g. a tokenizer's output)")
     hook = ActivationHook(model, layer_indices, component, token_position,
                           attention_mask=inputs.get("attention_mask") if token_position != "all" else None)
-    hook._stop_after = _deepest(model, hook._modules)
+    hook._stop_after = hook._modules[deepest_slot(model, hook._modules)]
     with hook, torch.no_grad():
         try:
             model(**{"use_cache": False, **dict(inputs)})
         except _StopAfterDeepest:
             pass
     return hook.get_activations()
-
-
-def _deepest(model: nn.Module, modules: Sequence[nn.Module]) -> nn.Module:
-    """The module that runs last: the latest in registration order."""
-    order = {id(module): k for k, module in enumerate(model.modules())}
-    return max(modules, key=lambda module: order.get(id(module), -1))

@@ -99,7 +99,6 @@ def test_llama_cpp_steers_like_we_do(bundled, tmp_path):
     # dequantization here differ only by llama.cpp's rounding of activations.
     assert theirs[-k] < theirs[0.0] < theirs[k]
     assert ours[-k] < ours[0.0] < ours[k]
-    print("log P('I') at strengths -k, 0, +k: ours", ours, "llama.cpp", theirs)
     for strength in ours:
         assert abs(theirs[strength] - ours[strength]) < 0.25, (strength, ours, theirs)
     assert theirs[k] - theirs[-k] > 1.0

@@ -136,6 +136,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     modules = [component_module(blocks.modules[i], component)[0] for i in layers]
 
     group = resolve_group(process_group)
+    rank, world_size = rank_and_size(group)
     mine = share_of_rows([len(row) for row in token_ids], group)
     batches = make_batches([token_ids[i] for i in mine], [groups[i] for i in mine], token_position,
                            batch_size, pad_token_id(tokenizer),
@@ -143,7 +144,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
-    show_progress = show_progress and rank_and_size(group)[0] == 0
+    show_progress = show_progress and rank == 0
     with tqdm(total=len(mine), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
         if mine:
             accumulate_batches(model, modules, batches, accumulator,
@@ -159,7 +160,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
         vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
                               len(pairs), batch_size, model, component)
         if group is not None:
-            vector.metadata["world_size"] = rank_and_size(group)[1]
+            vector.metadata["world_size"] = world_size
         if accumulator.sample_rows:
             samples = accumulator.samples(slot)
             if group is not None:
