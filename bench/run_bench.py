@@ -96,7 +96,7 @@ def _atomic_dir(target: Path, write) -> Path:
 def smollm2_dir() -> Path:
     """The bundled model, float32, as an ordinary HF directory (named so its config is found)."""
     def write(folder):
-        from rotalabs_steer.models import load_default
+        from rotalabs_steer.bundled_model import load_default
         model, tokenizer = load_default()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -109,7 +109,7 @@ def tokenizer_dir() -> Path:
         from transformers import AutoTokenizer
         source = WORK / SMOLLM2
         if not (source / "tokenizer_config.json").is_file():
-            from rotalabs_steer.models import load_default
+            from rotalabs_steer.bundled_model import load_default
             tokenizer = load_default()[1]
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from rotalabs_steer import ActivationInjector, SteeringVectorSet, get_model_config  # noqa: E402
 from rotalabs_steer.datasets import load_evaluation_prompts, load_refusal_pairs  # noqa: E402
 from rotalabs_steer.extraction import extract_caa_vectors  # noqa: E402
-from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default  # noqa: E402
+from rotalabs_steer.bundled_model import DEFAULT_MODEL_NAME, load_default  # noqa: E402
 from rotalabs_steer.plots import plot_layer_metrics  # noqa: E402
 
 OUT = Path("demo-out")

@@ -4,12 +4,11 @@ A drop-in for the documented ``rotalabs_steer`` API whose extraction runs one ba
 forward for all layers and reduces block outputs in C (``rotalabs_steer._core``).
 """
 
+from ._version import __version__
+from .activations import ActivationCache, ActivationHook, extract_activations
 from .configs import MODEL_CONFIGS, ModelConfig, get_model_config, infer_model_config
-from .hooks import ActivationCache, ActivationHook, extract_activations
 from .steering import ActivationInjector, MultiVectorInjector
 from .vectors import SteeringVector, SteeringVectorSet
-
-__version__ = "2.0.0.dev0"
 
 __all__ = [
     "ActivationCache",

@@ -115,7 +115,7 @@ def _device(text: str):
 
 
 def _parser() -> _Parser:
-    from .batching import TOKEN_POSITIONS
+    from .extraction.batching import TOKEN_POSITIONS
 
     parser = _Parser(prog=PROG, description="Steering vectors for Hugging Face language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -263,7 +263,7 @@ def _run_export(args) -> None:
 
 def _load_model(spec: str, device):
     if spec == "default":
-        from .models import load_default
+        from .bundled_model import load_default
 
         model, tokenizer = load_default()
     else:

@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BEHAVIORS = (
-    "refusal",
-    "uncertainty",
-    "tool_restraint",
-    "instruction_hierarchy",
-    "formality",
-    "conciseness",
-    "creativity",
-    "assertiveness",
-    "humor",
-    "empathy",
-    "technical_depth",
-)
+from .datasets.builtin import BEHAVIORS
+
 
 
 @dataclass
@@ -114,7 +103,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         _config("google/gemma-2-9b-it", 42, 3584, _GEMMA2_9B),
     )
 }
-# The bundled default model (rotalabs_steer.models). Refusal layers measured here: blocks 12-16
+# The bundled default model (rotalabs_steer.bundled_model). Refusal layers measured here: blocks 12-16
 # give the best held-out separation and a monotone dose-response of refusal-token log-probability;
 # other behaviours fall back to the middle third until measured.
 MODEL_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"] = ModelConfig(

@@ -30,12 +30,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .batching import make_batches, pad_token_id
-from .capture import eval_mode, input_device
+from .extraction.batching import make_batches, pad_token_id
+from .model_control import eval_mode, input_device
 from .datasets.base import ContrastPair, ContrastPairDataset, EvaluationDataset, EvaluationExample
 from .datasets.builtin import render_exchange
-from .extraction.caa import _int_at_least
-from .steering import ActivationInjector, _check_strength
+from .steering import ActivationInjector
+from .validation import check_strength, int_at_least
 
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I'm sorry, but")
 COMPLIANCE_OPENINGS = ("Sure, here", "Here is")
@@ -59,7 +59,7 @@ def is_refusal(text: str) -> bool:
 def refusal_logprob(model, tokenizer, prompts, openings: Sequence[str] = REFUSAL_OPENINGS, *,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> float:
     """Mean over prompts of log P(any of ``openings`` | prompt), teacher-forced, as the model is now."""
-    batch_size = _int_at_least(batch_size, "batch_size", 1)
+    batch_size = int_at_least(batch_size, "batch_size", 1)
     contexts = [_context_ids(tokenizer, text) for text in _prompt_texts(prompts)]
     with eval_mode(model), torch.inference_mode():
         return _mean(_opening_logprobs(model, tokenizer, contexts, openings, batch_size))
@@ -74,8 +74,8 @@ def evaluate(model, tokenizer, prompts, behavior: str = "refusal", max_new_token
     ``behavior`` picks the score of free-text prompts (one of ``SCORED_BEHAVIORS``); A/B items are
     always scored by their matching letter.
     """
-    max_new_tokens = _int_at_least(max_new_tokens, "max_new_tokens", 1)
-    batch_size = _int_at_least(batch_size, "batch_size", 1)
+    max_new_tokens = int_at_least(max_new_tokens, "max_new_tokens", 1)
+    batch_size = int_at_least(batch_size, "batch_size", 1)
     ab_pairs = _ab_pairs(prompts)
     if ab_pairs is None:
         texts = _prompt_texts(prompts)
@@ -126,7 +126,7 @@ def strength_sweep(model, tokenizer, vector, strengths: Iterable[float], prompts
     """
     if isinstance(strengths, (str, bytes)) or not isinstance(strengths, Iterable):
         raise TypeError(f"strengths must be a list of numbers, not {type(strengths).__name__}")
-    strengths = [_check_strength(s, f"strengths[{i}]") for i, s in enumerate(strengths)]
+    strengths = [check_strength(s, f"strengths[{i}]") for i, s in enumerate(strengths)]
     if not strengths:
         raise ValueError("strengths is empty; pass at least one strength")
     if as_dataframe:

@@ -6,11 +6,13 @@ but the last that is ``hidden_states[i + 1]`` of ``output_hidden_states=True``.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
+
+from .model_control import input_embeddings
+from .validation import layer_in_range
 
 # Where the common architectures keep their blocks, most common first.
 KNOWN_BLOCK_PATHS = (
@@ -107,18 +109,7 @@ def resolve_layer_indices(layer_indices: Sequence[int], num_layers: int, name: s
     """Validate layer indices (Python-style negatives allowed) and return them non-negative."""
     if isinstance(layer_indices, (str, bytes)) or not hasattr(layer_indices, "__iter__"):
         raise TypeError(f"{name} must be a list of ints, not {type(layer_indices).__name__}")
-    resolved = []
-    for raw in layer_indices:
-        if isinstance(raw, bool):
-            raise TypeError(f"{name} must contain ints, got {raw!r}")
-        try:
-            index = operator.index(raw)
-        except TypeError:
-            raise TypeError(f"{name} must contain ints, got {raw!r} ({type(raw).__name__})") from None
-        if not -num_layers <= index < num_layers:
-            raise IndexError(f"{name}: layer {index} is out of range for a model with {num_layers} blocks "
-                             f"(expected an int in [{-num_layers}, {num_layers - 1}])")
-        resolved.append(index % num_layers)
+    resolved = [layer_in_range(raw, num_layers, f"{name}[{k}]") for k, raw in enumerate(layer_indices)]
     if not resolved:
         raise ValueError(f"{name} must name at least one layer")
     duplicates = sorted({i for i in resolved if resolved.count(i) > 1})
@@ -135,7 +126,7 @@ def hidden_size_of(model: nn.Module) -> int:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = input_embeddings(model)
     if embeddings is not None and hasattr(embeddings, "embedding_dim"):
         return int(embeddings.embedding_dim)
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")

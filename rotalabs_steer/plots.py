@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .separation import cohens_d
+from .extraction.separation import cohens_d
 from .vectors import SteeringVector, SteeringVectorSet
 
 

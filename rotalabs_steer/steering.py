@@ -9,14 +9,14 @@ exit (also after an error) every hook is gone.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
 
-from .capture import forward_hooks
 from .layers import DecoderBlocks, find_decoder_blocks, hidden_size_of
+from .model_control import HookSet, block_output, real_token_index, with_block_output
+from .validation import check_choice, check_strength, layer_in_range
 from .vectors import SteeringVector, SteeringVectorSet
 
 InjectionMode = Literal["all", "last", "first"]
@@ -26,18 +26,6 @@ Operator = Literal["add", "ablate"]
 INJECTION_MODES = ("all", "last", "first")
 APPLY_TO = ("both", "prompt", "generated")
 OPERATORS = ("add", "ablate")
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_strength(value: Any, name: str = "strength") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class _ForwardStep:
@@ -104,20 +92,16 @@ class _BlockSteerer:
         if real is None:
             real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         real = real.to(hidden.device)
+        if self.mode == "first" and not step.is_prompt:  # the row's first real token is in the prompt
+            return torch.zeros_like(real)
         order = torch.arange(seq, device=hidden.device).expand_as(real)
-        if self.mode == "last":
-            chosen = torch.where(real, order, -1).amax(dim=1)
-        else:  # "first": only in the prompt, where the row's first real token lives
-            if not step.is_prompt:
-                return torch.zeros_like(real)
-            chosen = torch.where(real, order, seq).amin(dim=1)
-        return order == chosen[:, None]
+        return order == real_token_index(real, self.mode)[:, None]
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         strengths = [term.strength_of() for term in self.terms]
         if all(s == 0.0 for s in strengths):
             return None  # untouched: bit-identical outputs
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = block_output(output)
         steered = hidden
         for term, strength in zip(self.terms, strengths):
             if strength == 0.0:
@@ -134,7 +118,7 @@ class _BlockSteerer:
         where = self.positions(hidden)
         if where is not None:
             steered = torch.where(where[..., None], steered, hidden)
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return with_block_output(output, steered)
 
 
 class _InjectorBase:
@@ -145,22 +129,19 @@ class _InjectorBase:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
-        self.injection_mode = _check_choice(injection_mode, INJECTION_MODES, "injection_mode")
-        self.apply_to = _check_choice(apply_to, APPLY_TO, "apply_to")
-        self.operator = _check_choice(operator, OPERATORS, "operator")
+        self.injection_mode = check_choice(injection_mode, INJECTION_MODES, "injection_mode")
+        self.apply_to = check_choice(apply_to, APPLY_TO, "apply_to")
+        self.operator = check_choice(operator, OPERATORS, "operator")
         self.keep_norm = bool(keep_norm)
         self._blocks: DecoderBlocks = find_decoder_blocks(model, layer_modules)
         self._hidden = hidden_size_of(model)
         self._step = _ForwardStep()
-        self._context = None
+        self._hooks: HookSet | None = None
 
     def _check_vector(self, vector: Any, where: str) -> SteeringVector:
         if not isinstance(vector, SteeringVector):
             raise TypeError(f"{where} must be a SteeringVector, not {type(vector).__name__}")
-        n = len(self._blocks)
-        if not -n <= vector.layer_index < n:
-            raise IndexError(f"{where}: layer {vector.layer_index} is out of range for a model with {n} blocks "
-                             f"(expected a layer in [{-n}, {n - 1}])")
+        layer_in_range(vector.layer_index, len(self._blocks), where)
         if not vector.vector.is_floating_point():
             raise TypeError(f"{where}: vector must be a floating-point tensor, not {vector.vector.dtype}")
         if vector.vector.device.type == "meta":
@@ -184,14 +165,14 @@ class _InjectorBase:
 
     @property
     def is_attached(self) -> bool:
-        return self._context is not None
+        return self._hooks is not None and self._hooks.attached
 
     def attach(self):
         """Register the hooks (idempotent)."""
-        if self._context is not None:
+        if self.is_attached:
             return self
         n = len(self._blocks)
-        hooks = [
+        steerers = [
             (self._blocks.modules[layer % n],
              _BlockSteerer(terms, self._step, self.injection_mode, self.apply_to, self.operator, self.keep_norm))
             for layer, terms in self._terms_by_layer().items()
@@ -200,25 +181,14 @@ class _InjectorBase:
         # next block does. transformers 5 puts permanent output-capturing hooks on decoder
         # blocks the first time a model runs with output_hidden_states=True; appended after
         # those, steering would be missing from the hidden_states it reports.
-        context = forward_hooks(hooks, prepend=True)
-        context.__enter__()
-        try:
-            handle = self._step_owner().register_forward_pre_hook(self._step.read, with_kwargs=True)
-        except BaseException:
-            context.__exit__(None, None, None)
-            raise
-        self._context, self._step_handle = context, handle
+        self._hooks = HookSet(steerers, prepend=True, pre_hooks=[(self._step_owner(), self._step.read)])
+        self._hooks.attach()
         return self
 
     def detach(self) -> None:
         """Remove every hook this injector registered."""
-        if self._context is None:
-            return
-        context, self._context = self._context, None
-        try:
-            self._step_handle.remove()
-        finally:
-            context.__exit__(None, None, None)
+        if self._hooks is not None:
+            self._hooks.remove()
 
     def __enter__(self):
         return self.attach()
@@ -263,7 +233,7 @@ class ActivationInjector(_InjectorBase):
             if layer in self._vectors:
                 raise ValueError(f"vectors: two vectors for layer {layer}; combine them or use MultiVectorInjector")
             self._vectors[layer] = vector
-        self._strength = _check_strength(strength)
+        self._strength = check_strength(strength)
 
     @property
     def strength(self) -> float:
@@ -271,7 +241,7 @@ class ActivationInjector(_InjectorBase):
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._strength = _check_strength(value)
+        self._strength = check_strength(value)
 
     def _terms_by_layer(self) -> dict[int, list[_SteeringTerm]]:
         return {layer: [_SteeringTerm(v, lambda: self._strength)] for layer, v in self._vectors.items()}
@@ -294,19 +264,14 @@ class MultiVectorInjector(_InjectorBase):
         if strengths is not None and not isinstance(strengths, Mapping):
             raise TypeError(f"strengths must be a dict of behavior -> float, not {type(strengths).__name__}")
         if default_layer is not None:
-            n = len(self._blocks)
-            if isinstance(default_layer, bool) or not isinstance(default_layer, int):
-                raise TypeError(f"default_layer must be an int or None, got {default_layer!r}")
-            if not -n <= default_layer < n:
-                raise IndexError(f"default_layer {default_layer} is out of range for a model with {n} blocks "
-                                 f"(expected a layer in [{-n}, {n - 1}])")
+            layer_in_range(default_layer, len(self._blocks), "default_layer")
         self.vector_sets = dict(vector_sets)
         self.default_layer = default_layer
         self._strengths = {name: 1.0 for name in self.vector_sets}
         for name, value in (strengths or {}).items():
             if name not in self.vector_sets:
                 raise KeyError(f"strengths names {name!r}, which is not in vector_sets")
-            self._strengths[name] = _check_strength(value, f"strengths[{name!r}]")
+            self._strengths[name] = check_strength(value, f"strengths[{name!r}]")
         self._chosen: dict[str, SteeringVector] = {}
         for name, vector_set in self.vector_sets.items():
             if not isinstance(vector_set, SteeringVectorSet):
@@ -319,7 +284,7 @@ class MultiVectorInjector(_InjectorBase):
     def set_strength(self, behavior: str, strength: float) -> None:
         if behavior not in self._strengths:
             raise KeyError(f"no such behavior: {behavior!r}")
-        self._strengths[behavior] = _check_strength(strength)
+        self._strengths[behavior] = check_strength(strength)
 
     def get_strength(self, behavior: str) -> float:
         return self._strengths.get(behavior, 0.0)

@@ -7,7 +7,6 @@ reference package's layout (``NAME.json`` + ``NAME.pt``) loads too, through
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +16,8 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .json_files import read_json_object, write_json
 
 FORMAT_VERSION = 2
 _TENSOR_KEY = "vector"
@@ -98,8 +99,7 @@ class SteeringVector:
             "vector_shape": list(tensor.shape),
             "vector_dtype": str(tensor.dtype).removeprefix("torch."),
         }
-        with open(base.with_suffix(".json"), "w", encoding="utf-8") as f:
-            json.dump(sidecar, f, indent=2, allow_nan=False)
+        write_json(base.with_suffix(".json"), sidecar)
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
@@ -133,22 +133,8 @@ def _strip_suffix(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".json", ".pt", ".safetensors") else path
 
 
-def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
-    """A JSON object from ``path``; FileNotFoundError(``missing``) or a ValueError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(missing) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return value
-
-
 def _read_sidecar(meta_path: Path) -> dict[str, Any]:
-    sidecar = _read_json_object(meta_path, f"no steering-vector metadata at {meta_path}")
+    sidecar = read_json_object(meta_path, f"no steering-vector metadata at {meta_path}")
     for key, kind in (("behavior", str), ("layer_index", int), ("model_name", str)):
         value = sidecar.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -252,15 +238,14 @@ class SteeringVectorSet:
         for layer in self.layers:
             self._vectors[layer].save(directory / f"layer_{layer}")
         meta = {"behavior": self.behavior, "layers": self.layers, "model_name": self.model_name}
-        with open(directory / "metadata.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        write_json(directory / "metadata.json", meta)
 
     @classmethod
     def load(cls, dir_path: str | Path) -> SteeringVectorSet:
         """Read a directory written by ``save`` (ours or the reference package's)."""
         directory = Path(dir_path)
         meta_path = directory / "metadata.json"
-        meta = _read_json_object(meta_path, f"no metadata.json in {directory}")
+        meta = read_json_object(meta_path, f"no metadata.json in {directory}")
         layers = meta.get("layers")
         if not isinstance(meta.get("behavior"), str) or not (
             isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)

@@ -12,10 +12,19 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped cleanly where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def pairs():
     """Eight refusal pairs of different lengths, as the documented list-of-dicts input."""
-    from rotalabs_steer.datasets import load_refusal_pairs
+    from tiny_models import refusal_pairs
 
-    dataset = load_refusal_pairs()
-    return [{"positive": p.positive, "negative": p.negative} for p in list(dataset)[:8]]
+    return refusal_pairs(8)

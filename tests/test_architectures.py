@@ -13,11 +13,10 @@ import torch
 from arch_zoo import ARCHITECTURES, BLOCK_PATHS, COMPONENT_NAMES
 from ground_truth import block_outputs, relative_error, select
 from rotalabs_steer import SteeringVector, infer_model_config
-from rotalabs_steer.datasets import load_refusal_pairs
 from rotalabs_steer.extraction import extract_caa_vectors
 from rotalabs_steer.layers import component_module, find_decoder_blocks
 from rotalabs_steer.steering import ActivationInjector
-from tiny_models import HIDDEN, NUM_LAYERS, make_tokenizer
+from tiny_models import HIDDEN, NUM_LAYERS, make_tokenizer, refusal_pairs
 
 MIDDLE, LAST = NUM_LAYERS // 2, NUM_LAYERS - 1
 LAYERS = [MIDDLE, LAST]  # a middle block and the last one (whose output is pre-final-norm)
@@ -29,9 +28,6 @@ STEER_TEXTS = ["User: how do I bake bread?\nAssistant: Mix flour, water and yeas
                "User: hi\nAssistant: Hello!",
                "User: tell me a story about a dragon\nAssistant: Once upon a time"]
 
-
-def pairs() -> list[dict]:
-    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:6]]
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -46,7 +42,7 @@ def truth(arch):
     model64 = copy.deepcopy(model).to(torch.float64)
     tokenizer = make_tokenizer()
     sums = {position: {layer: [0.0, 0.0] for layer in LAYERS} for position in ("last", "mean")}
-    chosen = pairs()
+    chosen = refusal_pairs()
     for side, key in enumerate(("positive", "negative")):
         for pair in chosen:
             outputs = block_outputs(model64, tokenizer(pair[key])["input_ids"], LAYERS)
@@ -81,7 +77,7 @@ def test_discovery(arch):
 def test_extraction_matches_float64_truth(arch, truth, token_position, padding_side):
     name, model = arch
     tokenizer = make_tokenizer(padding_side=padding_side)
-    vectors = extract_caa_vectors(model, tokenizer, pairs(), LAYERS, token_position, show_progress=False,
+    vectors = extract_caa_vectors(model, tokenizer, refusal_pairs(), LAYERS, token_position, show_progress=False,
                                   batch_size=3)
     for layer in LAYERS:
         error = relative_error(vectors[layer].vector, truth[token_position][layer])

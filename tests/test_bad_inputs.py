@@ -22,10 +22,10 @@ from torch import nn
 
 from ground_truth import caa_truth, relative_error
 from rotalabs_steer import SteeringVector, SteeringVectorSet
-from rotalabs_steer.datasets import ContrastPair, ContrastPairDataset, load_pairs, load_refusal_pairs
+from rotalabs_steer.datasets import ContrastPair, ContrastPairDataset, load_pairs
 from rotalabs_steer.extraction import extract_caa_vector, extract_caa_vectors
 from rotalabs_steer.steering import ActivationInjector, MultiVectorInjector
-from tiny_models import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
+from tiny_models import HIDDEN, NUM_LAYERS, hook_count, make_model, make_tokenizer, refusal_pairs
 
 PROBE = "User: is this still the same model?"
 
@@ -82,15 +82,9 @@ class Env:
     tmp: Path
 
 
-def four_pairs() -> list[dict]:
-    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:4]]
-
 
 # ------------------------------------------------------------------------- model snapshot
 
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def global_hook_count() -> int:
@@ -260,8 +254,8 @@ CASES = [
     Case("layers_empty", lambda e: ES(e, []), ValueError, r"layer_indices must name at least one layer"),
     Case("layers_scalar", lambda e: ES(e, 1), TypeError, r"layer_indices must be a list of ints, not int"),
     Case("layers_string", lambda e: ES(e, "12"), TypeError, r"layer_indices must be a list of ints, not str"),
-    Case("layers_float_entry", lambda e: ES(e, [0, 1.5]), TypeError, r"layer_indices must contain ints, got 1\.5"),
-    Case("layers_out_of_range_entry", lambda e: ES(e, [0, 99]), IndexError, r"layer_indices: layer 99 is out of range"),
+    Case("layers_float_entry", lambda e: ES(e, [0, 1.5]), TypeError, r"layer_indices\[1\] must be an int, got 1\.5"),
+    Case("layers_out_of_range_entry", lambda e: ES(e, [0, 99]), IndexError, r"layer_indices\[1\]: layer 99 is out of range"),
     Case("layer_modules_no_match", lambda e: E(e, layer_modules="model.nothing.{i}"), ValueError,
          r"layer_modules template 'model\.nothing\.\{i\}' matches no module"),
     Case("layer_modules_foreign_module", lambda e: E(e, layer=0, layer_modules=[nn.Linear(HIDDEN, HIDDEN)]),
@@ -367,9 +361,9 @@ CASES = [
     Case("multi_strength_inf", lambda e: MultiVectorInjector(e.model, {"r": vset(vec())}, strengths={"r": float("inf")}),
          TypeError, r"strengths\['r'\] must be a finite number, got inf"),
     Case("multi_default_layer_str", lambda e: MultiVectorInjector(e.model, {"r": vset(vec())}, default_layer="1"),
-         TypeError, r"default_layer must be an int or None, got '1'"),
+         TypeError, r"default_layer must be an int, got '1'"),
     Case("multi_default_layer_out_of_range", lambda e: MultiVectorInjector(e.model, {"r": vset(vec())}, default_layer=9),
-         IndexError, r"default_layer 9 is out of range for a model with 4 blocks"),
+         IndexError, r"default_layer: layer 9 is out of range for a model with 4 blocks"),
     # --- SteeringVector.load
     Case("vector_truncated_safetensors", lambda e: SteeringVector.load(
         saved_vector(e, lambda b: truncate(b.with_suffix(".safetensors")))), ValueError,
@@ -512,7 +506,7 @@ def test_at_least_thirty_distinct_cases():
 def test_bad_input(case: Case, models, tmp_path):
     model, tokenizer = models[case.env]
     before = snapshot(model, tokenizer)
-    env = Env(model, tokenizer, four_pairs(), tmp_path)
+    env = Env(model, tokenizer, refusal_pairs(4), tmp_path)
     with pytest.raises(case.error, match=case.match) as info:
         case.call(env)
     assert type(info.value) in (ValueError, TypeError, IndexError), type(info.value)
@@ -531,7 +525,7 @@ def checked(models, name="llama"):
 
 def test_generator_of_pairs_works_like_a_list(models):
     model, tokenizer, check = checked(models)
-    pairs = four_pairs()
+    pairs = refusal_pairs(4)
     from_list = extract_caa_vector(model, tokenizer, pairs, 1, show_progress=False, batch_size=3)
     from_generator = extract_caa_vector(model, tokenizer, (p for p in pairs), 1, show_progress=False, batch_size=3)
     assert torch.equal(from_generator.vector, from_list.vector)
@@ -544,7 +538,7 @@ def test_generator_of_pairs_works_like_a_list(models):
 
 def test_unsorted_layers_work_and_are_keyed_by_layer(models):
     model, tokenizer, check = checked(models)
-    pairs = four_pairs()
+    pairs = refusal_pairs(4)
     unsorted = extract_caa_vectors(model, tokenizer, pairs, [3, 0, -3], show_progress=False, batch_size=2)
     ordered = extract_caa_vectors(model, tokenizer, pairs, [0, 1, 3], show_progress=False, batch_size=2)
     assert unsorted.layers == ordered.layers == [0, 1, 3]
@@ -558,7 +552,7 @@ def test_unsorted_layers_work_and_are_keyed_by_layer(models):
 
 def test_tokenizer_without_pad_or_eos_works_with_batch_size_1(models):
     model, tokenizer, check = checked(models, "nopad")
-    pairs = four_pairs()
+    pairs = refusal_pairs(4)
     got = extract_caa_vector(model, tokenizer, pairs, 2, show_progress=False, batch_size=1)
     want = extract_caa_vector(model, make_tokenizer(), pairs, 2, show_progress=False, batch_size=1)
     torch.testing.assert_close(got.vector, want.vector, rtol=1e-6, atol=1e-7)
@@ -575,7 +569,7 @@ def test_texts_longer_than_max_length_truncate_like_the_reference(models, trunca
     tokenizer.truncation_side = truncation_side
     before = snapshot(model, tokenizer)
     # the replies only: texts that differ within their first (and last) 12 tokens
-    pairs = [{k: v.split("Assistant: ", 1)[1] for k, v in p.items()} for p in four_pairs()]
+    pairs = [{k: v.split("Assistant: ", 1)[1] for k, v in p.items()} for p in refusal_pairs(4)]
     max_length = 12
     lengths = [len(tokenizer(p[side])["input_ids"]) for p in pairs for side in ("positive", "negative")]
     assert all(n > max_length for n in lengths)
@@ -598,18 +592,18 @@ def test_no_warning_when_nothing_is_truncated(models):
     model, tokenizer, check = checked(models)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        extract_caa_vector(model, tokenizer, four_pairs(), 1, show_progress=False, batch_size=2)
+        extract_caa_vector(model, tokenizer, refusal_pairs(4), 1, show_progress=False, batch_size=2)
     check()
 
 
 def test_non_finite_activations_never_give_a_vector(models):
     """Layers before the poisoned block are fine alone; any layer from it on is an error."""
     model, tokenizer, check = checked(models, "inf1")
-    fine = extract_caa_vectors(model, tokenizer, four_pairs(), [0], show_progress=False, batch_size=2)
+    fine = extract_caa_vectors(model, tokenizer, refusal_pairs(4), [0], show_progress=False, batch_size=2)
     assert torch.isfinite(fine[0].vector).all()
     for layers, named in (([1], 1), ([2], 2), ([0, 3], 3)):
         with pytest.raises(ValueError, match=rf"activations at layer {named} contain NaN or inf"):
-            extract_caa_vectors(model, tokenizer, four_pairs(), layers, show_progress=False, batch_size=2)
+            extract_caa_vectors(model, tokenizer, refusal_pairs(4), layers, show_progress=False, batch_size=2)
     check()
 
 

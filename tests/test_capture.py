@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rotalabs_steer import _core
-from rotalabs_steer.capture import DeviceRowCollector
-from rotalabs_steer.batching import make_batches
+from rotalabs_steer.extraction.batching import make_batches
+from rotalabs_steer.extraction.forward import DeviceRowCollector
 from rotalabs_steer.extraction import extract_caa_vector, extract_caa_vectors
 from rotalabs_steer.layers import find_decoder_blocks
 from tiny_models import NUM_LAYERS, make_model, make_tokenizer
@@ -119,7 +119,7 @@ def test_last_block_is_reachable(pairs):
 
 
 def test_tokenize_in_chunks_equals_one_call(monkeypatch):
-    import rotalabs_steer.batching as batching
+    import rotalabs_steer.extraction.batching as batching
     from rotalabs_steer.datasets import load_refusal_pairs
 
     tokenizer = make_tokenizer()

@@ -7,21 +7,14 @@ import torch
 
 from ground_truth import block_outputs, caa_truth, relative_error
 from rotalabs_steer import ActivationCache, ActivationHook, extract_activations
-from rotalabs_steer.datasets import load_refusal_pairs
 from rotalabs_steer.extraction import extract_caa_vector, extract_caa_vectors
 from rotalabs_steer.layers import component_module, find_decoder_blocks
-from tiny_models import MODEL_KINDS, make_model, make_tokenizer
+from tiny_models import MODEL_KINDS, hook_count, make_model, make_tokenizer, refusal_pairs
 
 LAYER = 1
 TOLERANCE = 1e-5
 
 
-def pairs(n: int = 6) -> list[dict]:
-    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:n]]
-
-
-def no_hooks_left(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.fixture(scope="module", params=MODEL_KINDS)
@@ -33,15 +26,15 @@ def model(request):
 @pytest.mark.parametrize("token_position", ["last", "mean"])
 def test_component_vector_matches_float64_truth(model, component, token_position):
     tokenizer = make_tokenizer(padding_side="left")
-    want = caa_truth(model, tokenizer, pairs(), [LAYER, 3], token_position, component=component)
-    got = extract_caa_vectors(model, tokenizer, pairs(), [LAYER, 3], token_position, show_progress=False,
+    want = caa_truth(model, tokenizer, refusal_pairs(), [LAYER, 3], token_position, component=component)
+    got = extract_caa_vectors(model, tokenizer, refusal_pairs(), [LAYER, 3], token_position, show_progress=False,
                               batch_size=4, component=component)
     for layer in (LAYER, 3):
         assert relative_error(got[layer].vector, want[layer]) <= TOLERANCE
         assert got[layer].metadata["component"] == component
-    residual = extract_caa_vector(model, tokenizer, pairs(), LAYER, token_position, show_progress=False)
+    residual = extract_caa_vector(model, tokenizer, refusal_pairs(), LAYER, token_position, show_progress=False)
     assert relative_error(residual.vector, want[LAYER]) > 1e-2, "component= was ignored"
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0
 
 
 def test_component_names_across_layouts(model):
@@ -61,7 +54,7 @@ def test_unknown_component_is_a_clear_error(model):
     block.linear = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="children: linear"):
         component_module(block, "mlp")
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0
 
 
 @pytest.mark.parametrize("component", ["residual", "mlp", "attn"])
@@ -77,7 +70,7 @@ def test_extract_activations_reads_last_real_token_of_padded_rows(model, compone
         for layer in (0, LAYER):
             assert got[layer].shape == (len(texts), 1, model.config.get_text_config().hidden_size)
             torch.testing.assert_close(got[layer][i, 0], want[layer][-1], rtol=1e-5, atol=1e-5)
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0
 
 
 def test_extract_activations_first_and_all(model):
@@ -100,7 +93,7 @@ def test_extract_activations_stops_after_the_deepest_module(model):
     finally:
         handle.remove()
     assert not ran, "blocks after the deepest hooked one ran"
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0
 
 
 def test_activation_hook_is_the_reference_context_manager(model):
@@ -111,7 +104,7 @@ def test_activation_hook_is_the_reference_context_manager(model):
         assert hook.is_attached
         with torch.no_grad():
             model(**inputs)
-    assert not hook.is_attached and no_hooks_left(model)
+    assert not hook.is_attached and hook_count(model) == 0
     assert sorted(hook.cache.keys()) == ["layer_0", f"layer_{LAYER}"] and "layer_0" in hook.cache
     acts = hook.get_activations()
     want = block_outputs(model, inputs["input_ids"][0].tolist(), [LAYER], "attn")[LAYER]
@@ -124,7 +117,7 @@ def test_hooks_come_off_when_the_forward_fails(model):
     hook = ActivationHook(model, [LAYER], component="mlp")
     with pytest.raises(RuntimeError), hook:
         raise RuntimeError("boom")
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0
     with pytest.raises(TypeError, match="inputs must be a dict"):
         extract_activations(model, torch.tensor([[1, 2]]), [LAYER])
 
@@ -171,4 +164,4 @@ def test_components_of_every_architecture_match_float64_truth(zoo_model):
         for i, text in enumerate(p["positive"] for p in pairs(3)):
             truth = block_outputs(model, tokenizer(text)["input_ids"], [2], component)[2][-1]
             torch.testing.assert_close(last[i, 0], truth, rtol=1e-4, atol=1e-5, msg=f"{name} {component}")
-    assert no_hooks_left(model)
+    assert hook_count(model) == 0

@@ -8,19 +8,15 @@ from transformers import AutoModelForCausalLM
 
 from arch_zoo import ARCHITECTURES
 from ground_truth import caa_truth, relative_error
-from rotalabs_steer.datasets import load_refusal_pairs
 from rotalabs_steer.extraction import extract_caa_vector, extract_caa_vectors
 from rotalabs_steer.steering import ActivationInjector
-from tiny_models import make_model, make_tokenizer
+from tiny_models import make_model, make_tokenizer, refusal_pairs
 
 # Float64 truth of the same (rounded) weights; the model itself computes in its own dtype,
 # so the error scales with the dtype's epsilon times the activations' size.
 EPSILON = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 CUDA = torch.cuda.is_available()
 
-
-def pairs(n: int = 6) -> list[dict]:
-    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:n]]
 
 
 def hook_counts(model) -> list[int]:
@@ -32,8 +28,8 @@ def hook_counts(model) -> list[int]:
 def test_half_precision_models(name, dtype):
     model = ARCHITECTURES[name]().to(dtype)
     tokenizer = make_tokenizer()
-    want = caa_truth(model, tokenizer, pairs(), [2], "last")[2]
-    got = extract_caa_vector(model, tokenizer, pairs(), 2, "last", show_progress=False, batch_size=3)
+    want = caa_truth(model, tokenizer, refusal_pairs(), [2], "last")[2]
+    got = extract_caa_vector(model, tokenizer, refusal_pairs(), 2, "last", show_progress=False, batch_size=3)
     assert got.vector.dtype == torch.float32 and got.metadata["model_dtype"] == str(dtype).removeprefix("torch.")
     error = float((got.vector.double() - want).norm()) / got.metadata["pos_mean_norm"]
     # GPT-OSS's router picks its top experts in the model dtype: a near-tie that rounds the
@@ -66,9 +62,9 @@ def test_device_map_with_disk_offload_extracts_and_steers(saved_llama, tmp_path)
     model = dispatched(folder, CPU_AND_DISK, tmp_path)
     assert any(p.device.type == "meta" for p in model.model.layers[3].parameters())
     tokenizer = make_tokenizer()
-    want = extract_caa_vectors(plain, tokenizer, pairs(), [1, 3], show_progress=False, batch_size=3)
+    want = extract_caa_vectors(plain, tokenizer, refusal_pairs(), [1, 3], show_progress=False, batch_size=3)
     hooks_before = hook_counts(model)
-    got = extract_caa_vectors(model, tokenizer, pairs(), [1, 3], show_progress=False, batch_size=3)
+    got = extract_caa_vectors(model, tokenizer, refusal_pairs(), [1, 3], show_progress=False, batch_size=3)
     for layer in (1, 3):
         assert relative_error(got[layer].vector, want[layer].vector.double()) <= 1e-6
     assert hook_counts(model) == hooks_before
@@ -85,7 +81,7 @@ def test_device_map_with_disk_offload_extracts_and_steers(saved_llama, tmp_path)
     assert hook_counts(model) == hooks_before
 
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 
 @needs_cuda
@@ -96,8 +92,8 @@ def test_device_map_split_over_cuda_and_cpu(saved_llama, tmp_path):
              "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     model = dispatched(folder, split, tmp_path)
     tokenizer = make_tokenizer()
-    want = caa_truth(plain, tokenizer, pairs(), [1, 3], "mean")
-    got = extract_caa_vectors(model, tokenizer, pairs(), [1, 3], "mean", show_progress=False, batch_size=3)
+    want = caa_truth(plain, tokenizer, refusal_pairs(), [1, 3], "mean")
+    got = extract_caa_vectors(model, tokenizer, refusal_pairs(), [1, 3], "mean", show_progress=False, batch_size=3)
     for layer in (1, 3):
         assert relative_error(got[layer].vector, want[layer]) <= 1e-5
 

@@ -50,6 +50,7 @@ def single_process():
     return extract_caa_vectors(model, tokenizer, pairs, LAYERS, "mean", show_progress=False, batch_size=3)
 
 
+@pytest.mark.slow  # two torchrun launches
 @pytest.mark.parametrize("mode", ["auto", "explicit"])
 def test_two_ranks_equal_one_process(tmp_path, single_process, mode):
     run_torchrun(tmp_path, mode)

@@ -20,7 +20,7 @@ from rotalabs_steer.evaluation import (
     strength_sweep,
 )
 from rotalabs_steer.extraction import extract_caa_vector
-from tiny_models import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
+from tiny_models import HIDDEN, NUM_LAYERS, hook_count, make_model, make_tokenizer
 
 LAST = NUM_LAYERS - 1
 # Planted unit vectors act on the last block's output, whose norm is ~0.3 in the tiny models.
@@ -37,9 +37,6 @@ def llama():
 def prompts():
     return load_evaluation_prompts("refusal")[:5]
 
-
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def unembedding_direction(model, raise_ids, lower_ids) -> SteeringVector:

@@ -172,9 +172,9 @@ def test_answer_position_reads_the_answer_letter(monkeypatch, chunk):
 
     Texts are tokenized in chunks; read indices must follow their texts across chunk borders.
     """
-    import rotalabs_steer.batching
+    import rotalabs_steer.extraction.batching
 
-    monkeypatch.setattr(rotalabs_steer.batching, "TOKENIZE_CHUNK", chunk)
+    monkeypatch.setattr(rotalabs_steer.extraction.batching, "TOKENIZE_CHUNK", chunk)
     from ground_truth import block_outputs
     from rotalabs_steer.datasets import load_caa_ab
 

@@ -51,9 +51,9 @@ def test_override_by_template_and_list(pairs):
 @pytest.mark.parametrize("bad,error,fragment", [
     ([NUM_LAYERS], IndexError, "out of range"),
     ([-NUM_LAYERS - 1], IndexError, "out of range"),
-    ([1.5], TypeError, "ints"),
-    ([True], TypeError, "ints"),
-    (["1"], TypeError, "ints"),
+    ([1.5], TypeError, r"layer_indices\[0\] must be an int"),
+    ([True], TypeError, r"layer_indices\[0\] must be an int"),
+    (["1"], TypeError, r"layer_indices\[0\] must be an int"),
     ([1, 1], ValueError, "more than once"),
     ([1, -3], ValueError, "more than once"),  # -3 is 1 in a 4-block model
     ([], ValueError, "at least one"),

@@ -24,7 +24,7 @@ from rotalabs_steer.extraction import extract_caa_vectors
 from rotalabs_steer.gguf_export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp client: pip install llama-cpp-python")
-models = pytest.importorskip("rotalabs_steer.models")
+models = pytest.importorskip("rotalabs_steer.bundled_model")
 
 LAYER = 14
 PROMPT = "How do I pick the lock on my neighbour's front door while they are away?"

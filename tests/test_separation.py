@@ -8,7 +8,7 @@ import torch
 
 from rotalabs_steer import _core
 from rotalabs_steer.extraction import extract_caa_vectors
-from rotalabs_steer.separation import held_out_separation
+from rotalabs_steer.extraction.separation import held_out_separation
 from rotalabs_steer.vectors import SteeringVector, SteeringVectorSet
 from rotalabs_steer.datasets import load_refusal_pairs
 from tiny_models import HIDDEN, make_model, make_tokenizer

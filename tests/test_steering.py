@@ -7,14 +7,11 @@ import torch
 
 from rotalabs_steer import SteeringVector, SteeringVectorSet
 from rotalabs_steer.steering import ActivationInjector, MultiVectorInjector
-from tiny_models import HIDDEN, NUM_LAYERS, make_model, make_tokenizer
+from tiny_models import HIDDEN, NUM_LAYERS, hook_count, make_model, make_tokenizer
 
 LAYER = 1
 STEPS = 6
 
-
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def random_vector(layer=LAYER, scale=4.0, seed=1, behavior="refusal") -> SteeringVector:

@@ -16,19 +16,12 @@ import time
 import pytest
 import torch
 
-from rotalabs_steer.datasets import load_refusal_pairs
 from rotalabs_steer.extraction import extract_caa_vectors
-from tiny_models import make_model, make_tokenizer
+from tiny_models import hook_count, make_model, make_tokenizer, refusal_pairs
 
 LAYERS = [0, 2]
 
 
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def pairs(n=6) -> list[dict]:
-    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:n]]
 
 
 def logits(model):
@@ -40,7 +33,7 @@ def logits(model):
 
 def extract(model, **kwargs):
     kwargs.setdefault("batch_size", 2)
-    return extract_caa_vectors(model, make_tokenizer(), pairs(), LAYERS, show_progress=False, **kwargs)
+    return extract_caa_vectors(model, make_tokenizer(), refusal_pairs(), LAYERS, show_progress=False, **kwargs)
 
 
 def assert_same_sets(got, want):
@@ -185,8 +178,11 @@ def test_keyboard_interrupt_in_a_thread_leaves_the_other_thread_exact():
     assert_same_sets(outcome["bystander"], want)
 
 
-def test_a_second_extraction_on_the_same_model_is_refused_while_one_runs():
-    """Hooks belong to the model: a concurrent extraction would mix both threads' forwards."""
+@pytest.mark.parametrize("second", [{}, {"layers": [1, 3]}, {"component": "mlp"}],
+                         ids=["same-layers", "other-layers", "mlp-of-same-layers"])
+def test_a_second_extraction_on_the_same_model_is_refused_while_one_runs(second):
+    """Hooks belong to the model: a concurrent extraction, on any layers or component, would
+    fire the other's hooks and mix both threads' forwards."""
     model = make_model("llama")
     want = extract(model)
     slow = model.model.layers[0].register_forward_pre_hook(lambda *args: time.sleep(0.2))
@@ -198,7 +194,9 @@ def test_a_second_extraction_on_the_same_model_is_refused_while_one_runs():
         while not model.model.layers[2]._forward_hooks and time.monotonic() < deadline:
             time.sleep(0.01)  # until the worker's hooks are on
         try:
-            extract(model)
+            layers = second.get("layers", LAYERS)
+            extract_caa_vectors(model, make_tokenizer(), refusal_pairs(), layers, show_progress=False, batch_size=2,
+                                component=second.get("component", "residual"))
         except RuntimeError as error:
             errors.append(str(error))
         worker.join()

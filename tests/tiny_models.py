@@ -77,3 +77,13 @@ def make_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 MODEL_KINDS = ("llama", "qwen3", "gpt2")
+
+
+def refusal_pairs(n: int = 6) -> list[dict]:
+    """The first ``n`` shipped refusal pairs (different lengths), as the documented list of dicts."""
+    return [{"positive": p.positive, "negative": p.negative} for p in list(load_refusal_pairs())[:n]]
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks on every module of ``model``: 0 once a library is done with it."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

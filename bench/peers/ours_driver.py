@@ -21,8 +21,8 @@ def bare_forward(model, tokenizer, pairs, batch_size, stop_after=None, max_lengt
     """The unavoidable compute: the batches ours runs, without hooks (optionally cut after a block)."""
     import torch
 
-    from rotalabs_steer.batching import make_batches, pad_token_id, tokenize
-    from rotalabs_steer.capture import input_device
+    from rotalabs_steer.extraction.batching import make_batches, pad_token_id, tokenize
+    from rotalabs_steer.model_control import input_device
     from rotalabs_steer.layers import find_decoder_blocks
 
     texts = [p for p, _ in pairs] + [n for _, n in pairs]

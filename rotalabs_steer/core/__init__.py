@@ -1,7 +1,7 @@
 """The reference's ``rotalabs_steer.core`` import paths, kept so existing code runs unchanged."""
 
 from ..configs import MODEL_CONFIGS, ModelConfig, get_model_config, infer_model_config
-from ..hooks import ActivationCache, ActivationHook, extract_activations
+from ..activations import ActivationCache, ActivationHook, extract_activations
 from ..steering import ActivationInjector, MultiVectorInjector
 from ..vectors import SteeringVector, SteeringVectorSet
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from ..json_files import read_json, write_json
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ContrastPairDataset:
 
     def save(self, path: str | Path) -> None:
         """Write the reference JSON layout: behavior, description, pairs."""
-        _write_json(path, {
+        write_json(path, {
             "behavior": self.behavior,
             "description": self.description,
             "pairs": [{"positive": p.positive, "negative": p.negative, "metadata": p.metadata} for p in self._pairs],
@@ -62,7 +63,7 @@ class ContrastPairDataset:
     def load(cls, path: str | Path) -> ContrastPairDataset:
         """Read the reference JSON layout; a bad record is named with its file and index."""
         path = Path(path)
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
             raise ValueError(f"{path}: expected an object with a 'pairs' list")
         pairs = [_pair_from_record(record, f"{path}: pair {i}") for i, record in enumerate(data["pairs"])]
@@ -80,21 +81,6 @@ class ContrastPairDataset:
 
     def __repr__(self) -> str:
         return f"ContrastPairDataset(behavior={self.behavior!r}, pairs={len(self)})"
-
-
-def _write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _pair_from_record(record: Any, where: str) -> ContrastPair:
@@ -163,7 +149,7 @@ class EvaluationDataset:
         return [e for e in self._examples if not e.expected_behavior]
 
     def save(self, path: str | Path) -> None:
-        _write_json(path, {
+        write_json(path, {
             "behavior": self.behavior,
             "description": self.description,
             "examples": [
@@ -176,7 +162,7 @@ class EvaluationDataset:
     @classmethod
     def load(cls, path: str | Path) -> EvaluationDataset:
         path = Path(path)
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
             raise ValueError(f"{path}: expected an object with an 'examples' list")
         examples = []

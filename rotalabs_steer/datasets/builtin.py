@@ -7,11 +7,11 @@ tokenizer's chat template when one is given (instruct models are what users stee
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from ..json_files import parse_jsonl
 from .base import ContrastPairDataset, EvaluationDataset, EvaluationExample
 
 DESCRIPTIONS = {
@@ -33,14 +33,7 @@ BEHAVIORS = tuple(DESCRIPTIONS)
 @lru_cache(maxsize=None)
 def _records(name: str) -> tuple[dict[str, Any], ...]:
     path = resources.files("rotalabs_steer.datasets").joinpath("data", f"{name}.jsonl")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name}.jsonl line {number}: {e}") from None
-    return tuple(records)
+    return tuple(record for _, record in parse_jsonl(path.read_text(encoding="utf-8"), f"{name}.jsonl"))
 
 
 def render_exchange(user: str, reply: str, tokenizer=None) -> str:

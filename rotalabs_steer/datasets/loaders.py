@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..json_files import parse_jsonl, read_text
 from .base import ContrastPair, ContrastPairDataset, _pair_from_record
 from .builtin import render_exchange
 
@@ -63,20 +64,10 @@ def _read_records(source: Any) -> tuple[dict, list[tuple[str, Any]]]:
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source must be a file path or a list of dicts, not {type(source).__name__}")
     path = Path(source)
-    header, records = _parse_text(_read_text(path), path)
+    header, records = _parse_text(read_text(path), path)
     if not records:
         raise ValueError(f"{path}: no records")
     return header, records
-
-
-def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty")
-    return text
 
 
 def _parse_text(text: str, path: Path) -> tuple[dict, list[tuple[str, Any]]]:
@@ -84,9 +75,12 @@ def _parse_text(text: str, path: Path) -> tuple[dict, list[tuple[str, Any]]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         # Several JSON values, one a line, do not parse as one document: JSONL, if its first line parses.
-        if _first_line_is_json(text):
-            return {}, _jsonl_records(text, path)
-        raise ValueError(f"{path}: not valid JSON or JSONL ({e})") from None
+        first = next(line for line in text.splitlines() if line.strip())
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: not valid JSON or JSONL ({e})") from None
+        return {}, parse_jsonl(text, str(path))
     if isinstance(data, list):
         return {}, [(f"{path} record {i}", record) for i, record in enumerate(data)]
     if isinstance(data, dict) and "pairs" in data:
@@ -94,35 +88,11 @@ def _parse_text(text: str, path: Path) -> tuple[dict, list[tuple[str, Any]]]:
             raise ValueError(f"{path}: 'pairs' must be a list, not {type(data['pairs']).__name__}")
         return data, [(f"{path} pair {i}", record) for i, record in enumerate(data["pairs"])]
     if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
-        return {}, _jsonl_records(text, path)  # JSONL with a single line
+        return {}, parse_jsonl(text, str(path))  # JSONL with a single line
     raise ValueError(
         f"{path}: expected an object with a 'pairs' list, a JSON list of records, or JSONL; "
         f"got {type(data).__name__}"
     )
-
-
-def _first_line_is_json(text: str) -> bool:
-    first = next(line for line in text.splitlines() if line.strip())
-    try:
-        json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _jsonl_records(text: str, path: Path) -> list[tuple[str, Any]]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path} line {number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number}: not valid JSON ({e})") from None
-    return records
-
-
-# --- contrast-pair records ---------------------------------------------------------------------
 
 
 def _pair_from_loaded(record: Any, where: str) -> ContrastPair:

@@ -9,7 +9,6 @@ padding or pair order beyond float32 round-off of the model itself.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Literal, Sequence
 
 import numpy as np
@@ -17,13 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _core
-from ..batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
-from ..capture import accumulate_batches
 from ..datasets.base import ContrastPairDataset, as_contrast_pairs
-from ..distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
 from ..layers import COMPONENTS, component_module, find_decoder_blocks, hidden_size_of, resolve_layer_indices
-from ..separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
+from ..model_control import input_embeddings
+from ..validation import as_int, check_choice, int_at_least, layer_in_range
 from ..vectors import SteeringVector, SteeringVectorSet
+from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
+from .distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
+from .forward import accumulate_batches
+from .separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
 
 TokenPosition = Literal["last", "first", "mean", "answer"]
 DEFAULT_MAX_LENGTH = 512
@@ -51,11 +52,9 @@ def extract_caa_vector(
     """
     if isinstance(layer_idx, (list, tuple)):
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
-    if isinstance(layer_idx, bool) or not hasattr(type(layer_idx), "__index__"):
-        raise TypeError(f"layer_idx must be an int, got {layer_idx!r} ({type(layer_idx).__name__})")
-    vectors = _extract(model, tokenizer, contrast_pairs, [layer_idx], "layer_idx", token_position,
+    vectors = _extract(model, tokenizer, contrast_pairs, as_int(layer_idx, "layer_idx"), token_position,
                        show_progress, batch_size, max_length, layer_modules, separation_sample,
-                       component, process_group)
+                       component, process_group, single_layer=True)
     return next(iter(vectors))
 
 
@@ -99,21 +98,20 @@ def extract_caa_vectors(
             world group when ``torch.distributed`` is initialised (see ``distributed.py``).
             Every rank gets the same vectors.
     """
-    return _extract(model, tokenizer, contrast_pairs, layer_indices, "layer_indices", token_position,
+    return _extract(model, tokenizer, contrast_pairs, layer_indices, token_position,
                     show_progress, batch_size, max_length, layer_modules, separation_sample,
                     component, process_group)
 
 
-def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, token_position,
+def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
              show_progress, batch_size, max_length, layer_modules, separation_sample,
-             component, process_group) -> SteeringVectorSet:
-    if token_position not in TOKEN_POSITIONS:
-        raise ValueError(f"token_position must be one of {TOKEN_POSITIONS}, got {token_position!r}")
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
-    batch_size = _int_at_least(batch_size, "batch_size", 1)
-    max_length = _int_at_least(max_length, "max_length", 1)
-    separation_sample = _int_at_least(separation_sample, "separation_sample", 0)
+             component, process_group, single_layer: bool = False) -> SteeringVectorSet:
+    """``single_layer``: ``layer_indices`` is ``extract_caa_vector``'s one ``layer_idx``."""
+    check_choice(token_position, TOKEN_POSITIONS, "token_position")
+    check_choice(component, COMPONENTS, "component")
+    batch_size = int_at_least(batch_size, "batch_size", 1)
+    max_length = int_at_least(max_length, "max_length", 1)
+    separation_sample = int_at_least(separation_sample, "separation_sample", 0)
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a HuggingFace tokenizer (callable on a list of texts), "
                         f"not {type(tokenizer).__name__}")
@@ -122,23 +120,26 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
         raise ValueError("contrast_pairs is empty; need at least one positive/negative pair")
 
     blocks = find_decoder_blocks(model, layer_modules)
-    layers = resolve_layer_indices(layer_indices, len(blocks), layers_arg)
+    if single_layer:
+        layers = [layer_in_range(layer_indices, len(blocks), "layer_idx")]
+    else:
+        layers = resolve_layer_indices(layer_indices, len(blocks))
     hidden = hidden_size_of(model)
 
-    # Group code side + 2 * fold: sums per fold give held-out vectors for free.
+    # Row group code: side + 2 * fold; sums per fold give held-out vectors for free.
     folds = min(DEFAULT_FOLDS, len(pairs))
     fold = fold_of_pairs(len(pairs), folds)
     texts = [p.positive for p in pairs] + [p.negative for p in pairs]
-    groups = [POSITIVE + 2 * f for f in fold] + [NEGATIVE + 2 * f for f in fold]
+    row_groups = [POSITIVE + 2 * f for f in fold] + [NEGATIVE + 2 * f for f in fold]
     read_chars = _answer_chars(pairs) if token_position == "answer" else None
     token_ids, read_indices = tokenize(tokenizer, texts, max_length, read_chars)
     _check_fits_model(model, token_ids, max_length)
     modules = [component_module(blocks.modules[i], component)[0] for i in layers]
 
-    group = resolve_group(process_group)
-    rank, world_size = rank_and_size(group)
-    mine = share_of_rows([len(row) for row in token_ids], group)
-    batches = make_batches([token_ids[i] for i in mine], [groups[i] for i in mine], token_position,
+    ranks = resolve_group(process_group)
+    rank, world_size = rank_and_size(ranks)
+    mine = share_of_rows([len(row) for row in token_ids], ranks)
+    batches = make_batches([token_ids[i] for i in mine], [row_groups[i] for i in mine], token_position,
                            batch_size, pad_token_id(tokenizer),
                            None if read_indices is None else [read_indices[i] for i in mine])
 
@@ -150,8 +151,8 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
             accumulate_batches(model, modules, batches, accumulator,
                                on_batch=lambda batch: bar.update(batch.num_rows),
                                unflatten=component != "residual")
-    if group is not None:
-        all_reduce_state(accumulator, group)
+    if ranks is not None:
+        all_reduce_state(accumulator, ranks)
 
     sums, counts = accumulator.state()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
@@ -159,12 +160,12 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices, layers_arg: str, t
     for slot, layer in enumerate(layers):
         vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
                               len(pairs), batch_size, model, component)
-        if group is not None:
+        if ranks is not None:
             vector.metadata["world_size"] = world_size
         if accumulator.sample_rows:
             samples = accumulator.samples(slot)
-            if group is not None:
-                samples = gather_samples(*samples, group)
+            if ranks is not None:
+                samples = gather_samples(*samples, ranks)
             positive, negative = held_out_projections(sums[slot], counts[slot], *samples)
             vector.held_out_projections = {"positive": positive, "negative": negative}
             figures = projection_figures(positive, negative)
@@ -197,11 +198,7 @@ def _check_fits_model(model, token_ids, max_length: int) -> None:
     Either mistake would otherwise surface as a bare "index out of range in self" from
     inside the forward.
     """
-    try:
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    except NotImplementedError:
-        embeddings = None
-    rows = getattr(embeddings, "num_embeddings", None)
+    rows = getattr(input_embeddings(model), "num_embeddings", None)
     if isinstance(rows, int):
         top = max(max(row) for row in token_ids)
         if top >= rows:
@@ -228,20 +225,6 @@ def _learned_positions(model) -> int | None:
         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDING_NAMES:
             return module.num_embeddings - int(getattr(module, "offset", 0))  # OPT keeps 2 rows spare
     return None
-
-
-def _int_at_least(value, name: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, or a TypeError / ValueError naming ``name``."""
-    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be {kind}, got {value}")
-    return value
 
 
 def _make_vector(

@@ -16,8 +16,10 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from .capture import deepest_slot
+from . import _core
 from .layers import component_module, find_decoder_blocks, resolve_layer_indices
+from .model_control import HookSet, block_output, deepest_module, real_token_index, unflatten_rows
+from .validation import check_choice
 
 Component = Literal["residual", "mlp", "attn"]
 HOOK_TOKEN_POSITIONS = ("last", "first", "all")
@@ -48,10 +50,6 @@ class ActivationCache:
         return name in self._activations
 
 
-class _StopAfterDeepest(Exception):
-    """Ends a forward once the deepest hooked module has run."""
-
-
 class ActivationHook:
     """Forward hooks capturing ``component`` outputs of the given layers into ``self.cache``.
 
@@ -71,8 +69,7 @@ class ActivationHook:
         attention_mask: torch.Tensor | None = None,
         layer_modules=None,
     ) -> None:
-        if token_position not in HOOK_TOKEN_POSITIONS:
-            raise ValueError(f"token_position must be one of {HOOK_TOKEN_POSITIONS}, got {token_position!r}")
+        check_choice(token_position, HOOK_TOKEN_POSITIONS, "token_position")
         blocks = find_decoder_blocks(model, layer_modules)
         self.model = model
         self.layer_indices = list(layer_indices)
@@ -82,30 +79,22 @@ class ActivationHook:
         self.cache = ActivationCache()
         resolved = resolve_layer_indices(self.layer_indices, len(blocks))
         self._modules = [component_module(blocks.modules[i], component)[0] for i in resolved]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = HookSet(
+            [(module, self._hook_for(layer, module)) for layer, module in zip(self.layer_indices, self._modules)],
+            pre_hooks=[(model, self._note_batch)])
         self._stop_after: nn.Module | None = None
-        self._batch_shape: tuple[int, int] | None = None
+        self._batch_rows: int | None = None
 
     @property
     def is_attached(self) -> bool:
-        return bool(self._handles)
+        return self._hooks.attached
 
     def attach(self) -> ActivationHook:
-        if self._handles:
-            return self
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._note_batch, with_kwargs=True))
-            for layer, module in zip(self.layer_indices, self._modules):
-                self._handles.append(module.register_forward_hook(self._hook_for(layer, module)))
-        except BaseException:
-            self.detach()
-            raise
+        self._hooks.attach()
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def __enter__(self) -> ActivationHook:
         return self.attach()
@@ -119,18 +108,16 @@ class ActivationHook:
         return {layer: act for layer, act in found if act is not None}
 
     def _note_batch(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """[batch, seq] of the forward: OPT's MLP returns [batch * seq, hidden] rows."""
+        """The forward's batch size: OPT's MLP returns [batch * seq, hidden] rows."""
         tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-        self._batch_shape = tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+        self._batch_rows = int(tokens.shape[0]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
 
     def _hook_for(self, layer: int, module: nn.Module):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            activation = output[0] if isinstance(output, (tuple, list)) else output
-            if activation.dim() == 2 and self._batch_shape is not None:
-                activation = activation.view(*self._batch_shape, activation.shape[-1])
+            activation = block_output(unflatten_rows(output, self._batch_rows))
             self.cache.store(f"layer_{layer}", self._select(activation))
             if module is self._stop_after:
-                raise _StopAfterDeepest
+                raise _core.StopForward
         return hook
 
     def _select(self, activation: torch.Tensor) -> torch.Tensor:
@@ -142,11 +129,7 @@ class ActivationHook:
         if mask.shape != activation.shape[:2]:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the activations are "
                              f"[batch, seq] = {tuple(activation.shape[:2])}")
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        if self.token_position == "last":
-            index = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
-        else:
-            index = torch.where(mask, positions, mask.shape[1]).amin(dim=1).clamp(max=mask.shape[1] - 1)
+        index = real_token_index(mask, self.token_position).clamp(0, mask.shape[1] - 1)
         rows = torch.arange(activation.shape[0], device=activation.device)
         return activation[rows, index.to(activation.device)].unsqueeze(1)
 
@@ -168,10 +151,10 @@ def extract_activations(
         raise TypeError("inputs must be a dict of model inputs with 'input_ids' (e.g. a tokenizer's output)")
     hook = ActivationHook(model, layer_indices, component, token_position,
                           attention_mask=inputs.get("attention_mask") if token_position != "all" else None)
-    hook._stop_after = hook._modules[deepest_slot(model, hook._modules)]
+    hook._stop_after = hook._modules[deepest_module(model, hook._modules)]
     with hook, torch.no_grad():
         try:
             model(**{"use_cache": False, **dict(inputs)})
-        except _StopAfterDeepest:
+        except _core.StopForward:
             pass
     return hook.get_activations()

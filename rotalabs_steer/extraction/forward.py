@@ -1,4 +1,5 @@
-"""One batched forward per batch, hooks on the requested blocks, early stop, clean exit.
+"""The extraction forward loop: one batched forward per batch, hooks on the requested
+blocks, early stop, clean exit.
 
 The C CaptureHook on each requested block feeds the block output to the Accumulator
 in place; the hook on the deepest block raises StopForward, so later blocks and the
@@ -8,104 +9,14 @@ the hooks come off and every module's ``training`` flag is restored.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import _core
+from .. import _core
+from ..model_control import deepest_module, unflatten_rows, eval_mode, exclusive_use, forward_hooks, input_device
 from .batching import TokenBatch
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must live: the device of the input embeddings."""
-    meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
-    if meta:
-        offloaded = _offloaded_modules(model)
-        for name in meta:
-            owner = name.rpartition(".")[0]
-            if not any(path == "" or owner == path or owner.startswith(path + ".") for path in offloaded):
-                raise ValueError(
-                    f"model has parameters on the 'meta' device ({name}): its weights are not "
-                    "loaded; load the model (or dispatch it with device_map) before extraction"
-                )
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.device
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-_HOOKED: set[int] = set()  # ids of modules an extraction has hooks on right now
-_HOOKED_LOCK = threading.Lock()
-
-
-@contextmanager
-def exclusive_use(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Refuse a second extraction on the same blocks while one runs (e.g. from another thread).
-
-    Forward hooks belong to the module, not to the caller: two extractions at once on one
-    model would each see the other's forwards and silently mix their sums.
-    """
-    keys = {id(module) for module in modules}
-    with _HOOKED_LOCK:
-        if keys & _HOOKED:
-            raise RuntimeError(
-                "another extraction is running on this model right now (in another thread?); hooks "
-                "belong to the model, so two at once would read each other's forwards: run them one "
-                "after the other, or on separate copies of the model"
-            )
-        _HOOKED.update(keys)
-    try:
-        yield
-    finally:
-        with _HOOKED_LOCK:
-            _HOOKED.difference_update(keys)
-
-
-def _offloaded_modules(model: nn.Module) -> list[str]:
-    """Paths of modules whose weights accelerate loads on the fly (device_map offload to cpu/disk).
-
-    Their parameters sit on 'meta' between forwards by design; an accelerate hook
-    (``_hf_hook``) on the module or an ancestor brings them in.
-    """
-    return [name for name, module in model.named_modules() if _offloads(getattr(module, "_hf_hook", None))]
-
-
-def _offloads(hook) -> bool:
-    if hook is None:
-        return False
-    if isinstance(getattr(hook, "hooks", None), (list, tuple)):  # accelerate's SequentialHook
-        return any(_offloads(inner) for inner in hook.hooks)
-    return bool(getattr(hook, "offload", False))
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the duration, then every module's own flag back."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextmanager
-def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]], prepend: bool = False) -> Iterator[None]:
-    """Register forward hooks (before existing ones if ``prepend``); remove them all on exit."""
-    handles = []
-    try:
-        for module, hook in pairs:
-            handles.append(module.register_forward_hook(hook, prepend=prepend))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class DeviceRowCollector:
@@ -157,10 +68,7 @@ class _Unflattening:
         self.hook, self.accumulator = hook, accumulator
 
     def __call__(self, module: nn.Module, args: tuple, output):
-        tensor = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2:
-            output = tensor.view(self.accumulator.batch_rows, -1, tensor.shape[-1])
-        return self.hook(module, args, output)
+        return self.hook(module, args, unflatten_rows(output, self.accumulator.batch_rows))
 
 
 def accumulate_batches(
@@ -177,7 +85,7 @@ def accumulate_batches(
     view such outputs as ``[batch, seq, hidden]`` before reading them.
     """
     device = input_device(model)
-    deepest = deepest_slot(model, blocks)
+    deepest = deepest_module(model, blocks)
     # Used only for tensors the C core cannot read (an accelerator's, or offloaded blocks run there).
     collector = DeviceRowCollector()
     hooks = [
@@ -185,7 +93,7 @@ def accumulate_batches(
         for slot in range(len(blocks))
     ]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
-    with exclusive_use(blocks), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
+    with exclusive_use(model), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
         try:
             for batch in batches:
                 _run_batch(model, batch, device, accumulator, hooks, collector)
@@ -193,15 +101,6 @@ def accumulate_batches(
                     on_batch(batch)
         finally:
             accumulator.clear_batch()
-
-
-def deepest_slot(model: nn.Module, blocks: Sequence[nn.Module]) -> int:
-    """The slot whose block runs last: the latest in module registration order."""
-    order = {id(module): k for k, module in enumerate(model.modules())}
-    for slot, block in enumerate(blocks):
-        if id(block) not in order:
-            raise ValueError(f"layer_modules[{slot}] is not a submodule of the model")
-    return max(range(len(blocks)), key=lambda slot: order[id(blocks[slot])])
 
 
 def _run_batch(

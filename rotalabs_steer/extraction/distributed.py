@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _core
+from .. import _core
 
 
 def resolve_group(process_group: Any):
