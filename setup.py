@@ -10,6 +10,7 @@ import os
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Wstrict-prototypes", "-O2"]
 link_args = []
@@ -31,4 +32,14 @@ core = Extension(
     extra_link_args=link_args,
 )
 
-setup(ext_modules=[core])
+class BuildExt(build_ext):
+    """A wheel (``pip install .``, ``make wheel``) always compiles the core afresh: objects left in
+    build/ by an earlier, differently configured build must never end up in it."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.inplace:
+            self.force = True
+
+
+setup(ext_modules=[core], cmdclass={"build_ext": BuildExt})

@@ -13,8 +13,11 @@ Python-only user does not need).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -42,13 +45,30 @@ def _cache_root() -> Path:
     return Path(base)
 
 
+_CACHE_PREFIX = "smollm2-135m-instruct-"
+
+
+def _cache_key(gguf_path: Path) -> str:
+    """Size and a hash of the first MiB: the same file keeps its key across reinstalls (pip sets
+    a new mtime each time), and reading one MiB costs nothing next to the load."""
+    with open(gguf_path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return f"{_CACHE_PREFIX}{gguf_path.stat().st_size}-{head}"
+
+
+def _remove_stale(root: Path, keep: Path) -> None:
+    """Earlier conversions of another (or a renamed) bundled file: each is ~0.5 GB."""
+    for entry in root.glob(_CACHE_PREFIX + "*"):
+        if entry != keep and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def load_default(cache: bool = True):
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, float32, eval mode, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = default_model_file()
-    stat = gguf_path.stat()
-    cached = _cache_root() / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    cached = _cache_root() / _cache_key(gguf_path)
     if cache and (cached / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
@@ -56,11 +76,15 @@ def load_default(cache: bool = True):
         if importlib.util.find_spec("gguf") is None:
             raise ImportError(f"loading a GGUF file needs the 'gguf' package: {_INSTALL_HINT}")
         folder, name = str(gguf_path.parent), gguf_path.name
+        if cache:
+            print(f"rotalabs_steer: converting the bundled {DEFAULT_MODEL_NAME} from GGUF to float32 "
+                  f"(one time, ~20 s; cached in {cached.parent})", file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                      local_files_only=True)
         if cache:
             _save_dequantized(model, tokenizer, cached)
+            _remove_stale(cached.parent, cached)
     model.config._name_or_path = DEFAULT_MODEL_NAME
     return model.eval(), tokenizer
 

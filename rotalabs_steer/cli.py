@@ -106,9 +106,19 @@ def _device(text: str):
     import torch
 
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch build has no usable {device.type} device "
+                                         f"(torch {torch.__version__}); use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: only {count} {device.type} device(s) are visible")
+    return device
 
 
 # --- the parser ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from .datasets.builtin import BEHAVIORS
@@ -120,7 +121,13 @@ def get_model_config(model_name: str) -> ModelConfig:
         return MODEL_CONFIGS[model_name]
     wanted = model_name.lower()
     for key, config in MODEL_CONFIGS.items():
+        if key.lower() == wanted:
+            return config
+    for key, config in MODEL_CONFIGS.items():
         if key.lower() in wanted or wanted in key.lower():
+            warnings.warn(f"no config for {model_name!r}: using {key!r}, which matches by name only; "
+                          "for a loaded model, infer_model_config(model) checks its layer count and "
+                          "hidden size", stacklevel=2)
             return config
     raise ValueError(f"no config for model {model_name!r}; known: {sorted(MODEL_CONFIGS)}")
 
@@ -136,12 +143,21 @@ def infer_model_config(model) -> ModelConfig:
     from .layers import find_decoder_blocks, hidden_size_of
 
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if name:
-        try:
-            return get_model_config(name)
-        except ValueError:
-            pass
     blocks = find_decoder_blocks(model)
+    if name:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a name-only match is checked against the model below
+            try:
+                known = get_model_config(name)
+            except ValueError:
+                known = None
+        if known is not None:
+            if (known.num_layers, known.hidden_size) == (len(blocks.modules), hidden_size_of(model)):
+                return known
+            warnings.warn(
+                f"model {name!r} has {len(blocks.modules)} blocks of width {hidden_size_of(model)}, but the "
+                f"config {known.name!r} its name matches has {known.num_layers} of width {known.hidden_size}: "
+                "ignoring that config's recommended layers", stacklevel=2)
     template = f"{blocks.path}.{{i}}" if blocks.path else "{i}"
     return ModelConfig(
         name=name or "unknown",

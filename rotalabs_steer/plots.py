@@ -21,28 +21,31 @@ def _pyplot():
 
 
 def plot_layer_metrics(vectors: SteeringVectorSet, title: str | None = None):
-    """Per-layer vector norm and held-out separation (accuracy, Cohen's d)."""
+    """Per-layer vector norm, held-out accuracy and Cohen's d, one panel each.
+
+    Every axis starts at zero (accuracy shows chance at 0.5), so a small dip looks small.
+    """
     plt = _pyplot()
     layers = vectors.layers
-    fig, (ax_norm, ax_sep) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_norm, ax_acc, ax_d) = plt.subplots(1, 3, figsize=(13, 3.8))
     ax_norm.plot(layers, [vectors[i].norm for i in layers], marker="o")
     ax_norm.set(xlabel="layer (output of block)", ylabel="vector L2 norm", title="norm")
+    ax_norm.set_ylim(bottom=0)
     accuracy = [vectors[i].metadata.get("separation_accuracy") for i in layers]
     cohens_d = [vectors[i].metadata.get("separation_cohens_d") for i in layers]
     if any(a is not None for a in accuracy):
-        ax_sep.plot(layers, [a if a is not None else float("nan") for a in accuracy], marker="o",
-                    color="tab:green", label="held-out accuracy")
-        ax_sep.set(xlabel="layer (output of block)", ylabel="accuracy", ylim=(0.4, 1.02),
-                   title="separation of positive vs negative rows")
-        ax_d = ax_sep.twinx()
-        ax_d.plot(layers, [d if d is not None else float("nan") for d in cohens_d], marker="s",
-                  color="tab:purple", label="Cohen's d")
-        ax_d.set_ylabel("Cohen's d")
-        handles = ax_sep.get_legend_handles_labels()[0] + ax_d.get_legend_handles_labels()[0]
-        ax_sep.legend(handles, ["held-out accuracy", "Cohen's d"], loc="lower right")
+        ax_acc.plot(layers, [a if a is not None else float("nan") for a in accuracy], marker="o", color="tab:green")
+        ax_acc.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+        ax_acc.set(xlabel="layer (output of block)", ylabel="accuracy", ylim=(0, 1.02),
+                   title="held-out accuracy")
+        ax_acc.legend(loc="lower right")
+        ax_d.plot(layers, [d if d is not None else float("nan") for d in cohens_d], marker="s", color="tab:purple")
+        ax_d.set(xlabel="layer (output of block)", ylabel="Cohen's d", title="held-out Cohen's d")
+        ax_d.set_ylim(bottom=0)
     else:
-        ax_sep.text(0.5, 0.5, "no separation figures", ha="center", va="center", transform=ax_sep.transAxes)
-    for axis in (ax_norm, ax_sep):
+        for axis in (ax_acc, ax_d):
+            axis.text(0.5, 0.5, "no separation figures", ha="center", va="center", transform=axis.transAxes)
+    for axis in (ax_norm, ax_acc, ax_d):
         axis.set_xticks(layers)
     fig.suptitle(title or f"{vectors.behavior} vectors of {vectors.model_name}")
     fig.tight_layout()

@@ -252,6 +252,8 @@ CASES = [
     Case("layers_duplicate_negative", lambda e: ES(e, [NUM_LAYERS - 1, -1]), ValueError,
          rf"layer_indices names layer\(s\) \[{NUM_LAYERS - 1}\] more than once"),
     Case("layers_empty", lambda e: ES(e, []), ValueError, r"layer_indices must name at least one layer"),
+    Case("batch_size_as_sixth_positional", lambda e: extract_caa_vectors(e.model, e.tok, e.pairs, [1], "last", 16),
+         TypeError, r"show_progress must be a bool, got 16; batch_size .* keyword-only"),
     Case("layers_scalar", lambda e: ES(e, 1), TypeError, r"layer_indices must be a list of ints, not int"),
     Case("layers_string", lambda e: ES(e, "12"), TypeError, r"layer_indices must be a list of ints, not str"),
     Case("layers_float_entry", lambda e: ES(e, [0, 1.5]), TypeError, r"layer_indices\[1\] must be an int, got 1\.5"),

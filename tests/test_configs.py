@@ -39,7 +39,8 @@ def test_documented_examples():
 
 def test_partial_match_and_errors():
     assert get_model_config("qwen/qwen3-8b").name == "Qwen/Qwen3-8B"
-    assert get_model_config("my-org/Qwen/Qwen3-14B-finetuned").name == "Qwen/Qwen3-14B"
+    with pytest.warns(UserWarning, match="no config for 'my-org/Qwen/Qwen3-14B-finetuned': using 'Qwen/Qwen3-14B'"):
+        assert get_model_config("my-org/Qwen/Qwen3-14B-finetuned").name == "Qwen/Qwen3-14B"
     with pytest.raises(ValueError, match="no config"):
         get_model_config("totally-unknown/model")
 
@@ -58,7 +59,18 @@ def test_infer_from_loaded_model(kind, path):
     assert config.layer_template == f"{path}.{{i}}"
 
 
-def test_infer_uses_known_name():
+def test_infer_uses_known_name_when_the_model_matches_it(monkeypatch):
+    model = make_model("llama")
+    model.config._name_or_path = "my-org/tiny-llama"
+    known = ModelConfig("my-org/tiny-llama", NUM_LAYERS, 64, recommended_layers={"refusal": [2]})
+    monkeypatch.setitem(MODEL_CONFIGS, "my-org/tiny-llama", known)
+    assert infer_model_config(model) is known
+
+
+def test_infer_ignores_a_known_name_the_model_does_not_match():
+    """A fine-tune saved under another model's name must not get that model's layers."""
     model = make_model("llama")
     model.config._name_or_path = "meta-llama/Llama-3.1-8B-Instruct"
-    assert infer_model_config(model) is MODEL_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
+    with pytest.warns(UserWarning, match=rf"has {NUM_LAYERS} blocks of width 64, but the config .* has 32 of width 4096"):
+        config = infer_model_config(model)
+    assert config.num_layers == NUM_LAYERS and config.layer_template == "model.layers.{i}"

@@ -13,12 +13,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import _core
 from ..datasets.base import ContrastPairDataset, as_contrast_pairs
 from ..layers import COMPONENTS, component_module, find_decoder_blocks, hidden_size_of, resolve_layer_indices
 from ..model_control import input_embeddings
+from ..progress import progress_bar
 from ..validation import as_int, check_choice, int_at_least, layer_in_range
 from ..vectors import SteeringVector, SteeringVectorSet
 from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
@@ -112,6 +112,9 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
     batch_size = int_at_least(batch_size, "batch_size", 1)
     max_length = int_at_least(max_length, "max_length", 1)
     separation_sample = int_at_least(separation_sample, "separation_sample", 0)
+    if not isinstance(show_progress, bool):
+        raise TypeError(f"show_progress must be a bool, got {show_progress!r}; batch_size and the "
+                        "options after it are keyword-only in extract_caa_vectors (batch_size=...)")
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a HuggingFace tokenizer (callable on a list of texts), "
                         f"not {type(tokenizer).__name__}")
@@ -146,7 +149,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
     show_progress = show_progress and rank == 0
-    with tqdm(total=len(mine), unit="text", desc=f"CAA layers {layers}", disable=not show_progress) as bar:
+    with progress_bar(total=len(mine), unit="text", desc=f"CAA layers {layers}", show=show_progress) as bar:
         if mine:
             accumulate_batches(model, modules, batches, accumulator,
                                on_batch=lambda batch: bar.update(batch.num_rows),
