@@ -22,6 +22,7 @@ except ImportError as _error:
 
 from ._version import __version__
 from .activations import ActivationCache, ActivationHook, extract_activations
+from .conditions import SteeringCondition, find_condition_threshold
 from .configs import MODEL_CONFIGS, ModelConfig, get_model_config, infer_model_config
 from .steering import ActivationInjector, MultiVectorInjector
 from .vectors import SteeringVector, SteeringVectorSet
@@ -33,10 +34,12 @@ __all__ = [
     "MultiVectorInjector",
     "MODEL_CONFIGS",
     "ModelConfig",
+    "SteeringCondition",
     "SteeringVector",
     "SteeringVectorSet",
     "__version__",
     "extract_activations",
+    "find_condition_threshold",
     "get_model_config",
     "infer_model_config",
 ]

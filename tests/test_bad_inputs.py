@@ -341,7 +341,7 @@ CASES = [
     Case("inject_apply_to_unknown", lambda e: ActivationInjector(e.model, [vec()], apply_to="sometimes"), ValueError,
          r"apply_to must be one of"),
     Case("inject_operator_unknown", lambda e: ActivationInjector(e.model, [vec()], operator="multiply"), ValueError,
-         r"operator must be one of \('add', 'ablate'\)"),
+         r"operator must be one of \('add', 'ablate', 'clamp'\)"),
     Case("inject_ablate_zero", lambda e: ActivationInjector(e.model, [vec(fill=0.0)], operator="ablate"), ValueError,
          r"vectors\[0\]: cannot ablate a zero vector"),
     Case("inject_blocks_not_found", lambda e: ActivationInjector(e.model, [vec()]), ValueError,

@@ -246,6 +246,7 @@ def _make_vector(
             f"was produced. Check the model weights{hint}"
         )
     vector_norm = float(np.linalg.norm(difference))
+    unit = difference / vector_norm if vector_norm > 0 else difference
     return SteeringVector(
         behavior=behavior,
         layer_index=layer,
@@ -261,6 +262,9 @@ def _make_vector(
             "num_positive": int(counts[POSITIVE::2].sum()),
             "num_negative": int(counts[NEGATIVE::2].sum()),
             "cosine_pos_neg": _cosine(pos_mean, neg_mean),
+            # where the two sides sit along the vector: operator="clamp" steers to the positive one
+            "pos_mean_projection": float(pos_mean @ unit),
+            "neg_mean_projection": float(neg_mean @ unit),
             "batch_size": batch_size,
             "model_dtype": _model_dtype(model),
             "component": component,
