@@ -7,7 +7,7 @@ import torch
 
 from rotalabs_steer import _core
 from rotalabs_steer.extraction.batching import make_batches
-from rotalabs_steer.extraction.forward import DeviceRowCollector
+from rotalabs_steer.extraction.device_reduce import DeviceReducer
 from rotalabs_steer.extraction import extract_caa_vector, extract_caa_vectors
 from rotalabs_steer.layers import find_decoder_blocks
 from tiny_models import NUM_LAYERS, make_model, make_tokenizer
@@ -67,7 +67,7 @@ def test_model_restored_after_exception_in_forward(exception, pairs):
 
 
 def test_device_row_collector_matches_c_selection():
-    """The accelerator path (rows picked by torch, one transfer) equals the C path."""
+    """The device path (rows picked and summed by torch, one transfer at the end) equals the C path."""
     torch.manual_seed(0)
     token_ids = [[5, 6, 7, 8, 9], [5, 6], [7, 8, 9], [1]]
     for position in ("last", "first", "mean"):
@@ -78,10 +78,10 @@ def test_device_row_collector_matches_c_selection():
             direct.add(0, hidden, batch.groups, index=batch.read_index)
         else:
             direct.add(0, hidden, batch.groups, mask=batch.attention_mask)
-        collector = DeviceRowCollector()
-        collector.begin(batch)
-        collector(0, hidden)
-        collector.flush(collected)
+        reducer = DeviceReducer(1, collected.num_groups, 16, total_rows=4)
+        reducer.begin(batch)
+        reducer(0, hidden)
+        reducer.merge_into(collected)
         np_direct, np_collected = direct.state()[0], collected.state()[0]
         assert abs(np_direct - np_collected).max() < 1e-5, position
         assert (direct.state()[1] == collected.state()[1]).all()

@@ -27,6 +27,7 @@ class TokenBatch:
     groups: torch.Tensor          # [batch] int64: POSITIVE, NEGATIVE, or -1 (skip)
     read_index: torch.Tensor | None  # [batch] int64, token read per row ("last"/"first"/explicit)
     lengths: torch.Tensor         # [batch] int64, real tokens per row
+    row_ids: torch.Tensor         # [batch] int64, each row's index in the token_ids given to make_batches
 
     @property
     def num_rows(self) -> int:
@@ -135,4 +136,4 @@ def make_batches(
         else:
             read = None
         yield TokenBatch(ids, mask, torch.as_tensor([groups[i] for i in rows], dtype=torch.long),
-                         read, length_tensor)
+                         read, length_tensor, torch.as_tensor(rows, dtype=torch.long))

@@ -23,7 +23,7 @@ from ..validation import as_int, check_choice, int_at_least, layer_in_range
 from ..vectors import SteeringVector, SteeringVectorSet
 from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
 from .distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
-from .forward import accumulate_batches
+from .forward import REDUCE_ON, accumulate_batches
 from .separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
 
 TokenPosition = Literal["last", "first", "mean", "answer"]
@@ -45,6 +45,7 @@ def extract_caa_vector(
     separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
     component: str = "residual",
     process_group=None,
+    reduce_on: str = "auto",
 ) -> SteeringVector:
     """Extract the CAA steering vector of one layer (the output of decoder block ``layer_idx``).
 
@@ -54,7 +55,7 @@ def extract_caa_vector(
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
     vectors = _extract(model, tokenizer, contrast_pairs, as_int(layer_idx, "layer_idx"), token_position,
                        show_progress, batch_size, max_length, layer_modules, separation_sample,
-                       component, process_group, single_layer=True)
+                       component, process_group, reduce_on, single_layer=True)
     return next(iter(vectors))
 
 
@@ -72,6 +73,7 @@ def extract_caa_vectors(
     separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
     component: str = "residual",
     process_group=None,
+    reduce_on: str = "auto",
 ) -> SteeringVectorSet:
     """Extract CAA steering vectors for several layers in one pass over the pairs.
 
@@ -97,18 +99,23 @@ def extract_caa_vectors(
         process_group: a ``torch.distributed`` group to split the pairs over; by default the
             world group when ``torch.distributed`` is initialised (see ``distributed.py``).
             Every rank gets the same vectors.
+        reduce_on: where rows are selected and summed: ``"auto"`` (in C for tensors on the
+            host, with torch on the device for an accelerator's, with no host sync between
+            batches), ``"host"`` (the same: an accelerator's tensors cannot be read by the C
+            core), or ``"device"`` (torch on the tensors' own device, host tensors included).
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, token_position,
                     show_progress, batch_size, max_length, layer_modules, separation_sample,
-                    component, process_group)
+                    component, process_group, reduce_on)
 
 
 def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
              show_progress, batch_size, max_length, layer_modules, separation_sample,
-             component, process_group, single_layer: bool = False) -> SteeringVectorSet:
+             component, process_group, reduce_on, single_layer: bool = False) -> SteeringVectorSet:
     """``single_layer``: ``layer_indices`` is ``extract_caa_vector``'s one ``layer_idx``."""
     check_choice(token_position, TOKEN_POSITIONS, "token_position")
     check_choice(component, COMPONENTS, "component")
+    check_choice(reduce_on, REDUCE_ON, "reduce_on")
     batch_size = int_at_least(batch_size, "batch_size", 1)
     max_length = int_at_least(max_length, "max_length", 1)
     separation_sample = int_at_least(separation_sample, "separation_sample", 0)
@@ -150,10 +157,12 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
                                     sample_rows=separation_sample if folds > 1 else 0)
     show_progress = show_progress and rank == 0
     with progress_bar(total=len(mine), unit="text", desc=f"CAA layers {layers}", show=show_progress) as bar:
+        reducer = None
         if mine:
-            accumulate_batches(model, modules, batches, accumulator,
-                               on_batch=lambda batch: bar.update(batch.num_rows),
-                               unflatten=component != "residual")
+            reducer = accumulate_batches(model, modules, batches, accumulator,
+                                         on_batch=lambda batch: bar.update(batch.num_rows),
+                                         unflatten=component != "residual", reduce_on=reduce_on,
+                                         total_rows=len(mine))
     if ranks is not None:
         all_reduce_state(accumulator, ranks)
 
@@ -166,7 +175,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
         if ranks is not None:
             vector.metadata["world_size"] = world_size
         if accumulator.sample_rows:
-            samples = accumulator.samples(slot)
+            samples = (reducer and reducer.samples(slot)) or accumulator.samples(slot)
             if ranks is not None:
                 samples = gather_samples(*samples, ranks)
             positive, negative = held_out_projections(sums[slot], counts[slot], *samples)

@@ -15,60 +15,37 @@ import torch
 from torch import nn
 
 from .. import _core
-from ..model_control import deepest_module, unflatten_rows, eval_mode, exclusive_use, forward_hooks, input_device
+from ..model_control import (block_output, deepest_module, eval_mode, exclusive_use, forward_hooks,
+                             input_device, unflatten_rows)
 from .batching import TokenBatch
+from .device_reduce import DeviceReducer, to_device
 
 
-class DeviceRowCollector:
-    """Row selection on an accelerator: only [batch, hidden] rows cross to the host.
+class _DeviceCapture:
+    """The Python twin of CaptureHook for ``reduce_on="device"``: every output goes to the
+    DeviceReducer, whatever device holds it; the deepest one ends the forward."""
 
-    Called by CaptureHook for tensors the CPU cannot read. Rows of every hooked layer
-    stay on the device until ``flush``, which moves them with one transfer per device.
-    """
+    def __init__(self, reducer: DeviceReducer, slot: int, stop: bool) -> None:
+        self.reducer, self.slot, self.stop, self.calls = reducer, slot, stop, 0
 
-    def __init__(self) -> None:
-        self._index: dict[torch.device, torch.Tensor] = {}
-        self._mask: dict[torch.device, torch.Tensor] = {}
-        self._batch: TokenBatch | None = None
-        self._rows: dict[int, torch.Tensor] = {}
-
-    def begin(self, batch: TokenBatch) -> None:
-        self._batch, self._index, self._mask, self._rows = batch, {}, {}, {}
-
-    def _on(self, device: torch.device, cache: dict, source: torch.Tensor) -> torch.Tensor:
-        if device not in cache:
-            cache[device] = source.to(device, non_blocking=True)
-        return cache[device]
-
-    def __call__(self, slot: int, hidden: torch.Tensor) -> None:
-        batch = self._batch
-        if batch.read_index is not None:
-            index = self._on(hidden.device, self._index, batch.read_index)
-            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
-        else:
-            mask = self._on(hidden.device, self._mask, batch.attention_mask).to(torch.float32)
-            rows = torch.einsum("bs,bsh->bh", mask, hidden.float()) / mask.sum(1, keepdim=True)
-        self._rows[slot] = rows
-
-    def flush(self, accumulator: _core.Accumulator) -> None:
-        by_device: dict[torch.device, list[int]] = {}
-        for slot, rows in self._rows.items():
-            by_device.setdefault(rows.device, []).append(slot)
-        for slots in by_device.values():
-            host = torch.stack([self._rows[s] for s in slots]).to("cpu")  # the one sync
-            for k, slot in enumerate(slots):
-                accumulator.add(slot, host[k], self._batch.groups)
-        self._rows = {}
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        self.calls += 1
+        self.reducer(self.slot, block_output(output))
+        if self.stop:
+            raise _core.StopForward
 
 
 class _Unflattening:
-    """Passes 2-D ``[batch * seq, hidden]`` outputs on to a CaptureHook as ``[batch, seq, hidden]``."""
+    """Passes 2-D ``[batch * seq, hidden]`` outputs on to a capture hook as ``[batch, seq, hidden]``."""
 
-    def __init__(self, hook: _core.CaptureHook, accumulator: _core.Accumulator) -> None:
+    def __init__(self, hook, accumulator: _core.Accumulator) -> None:
         self.hook, self.accumulator = hook, accumulator
 
     def __call__(self, module: nn.Module, args: tuple, output):
         return self.hook(module, args, unflatten_rows(output, self.accumulator.batch_rows))
+
+
+REDUCE_ON = ("auto", "host", "device")
 
 
 def accumulate_batches(
@@ -78,29 +55,39 @@ def accumulate_batches(
     accumulator: _core.Accumulator,
     on_batch: Callable[[TokenBatch], None] | None = None,
     unflatten: bool = False,
-) -> None:
+    reduce_on: str = "auto",
+    total_rows: int = 0,
+) -> DeviceReducer:
     """Run every batch through ``model``, adding outputs of ``blocks[slot]`` to ``slot``.
 
-    ``unflatten``: the hooked modules may return ``[batch * seq, hidden]`` (OPT's MLP does);
-    view such outputs as ``[batch, seq, hidden]`` before reading them.
+    ``reduce_on``: ``"auto"`` reduces host tensors in C and others on their device;
+    ``"host"`` the same (a tensor the CPU cannot read has no other way); ``"device"`` reduces
+    every tensor with torch on its own device, host tensors included. Device sums are merged
+    into ``accumulator`` at the end. ``total_rows``: rows in all batches, for choosing the
+    device path's separation sample ahead. ``unflatten``: the hooked modules may return
+    ``[batch * seq, hidden]`` (OPT's MLP does); view such outputs as ``[batch, seq, hidden]``.
+    Returns the DeviceReducer (its ``samples(slot)`` for slots reduced on a device).
     """
     device = input_device(model)
     deepest = deepest_module(model, blocks)
-    # Used only for tensors the C core cannot read (an accelerator's, or offloaded blocks run there).
-    collector = DeviceRowCollector()
-    hooks = [
-        _core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=collector)
-        for slot in range(len(blocks))
-    ]
+    reducer = DeviceReducer(len(blocks), accumulator.num_groups, accumulator.hidden, total_rows,
+                            accumulator.sample_rows)
+    if reduce_on == "device":
+        hooks = [_DeviceCapture(reducer, slot, slot == deepest) for slot in range(len(blocks))]
+    else:  # C for what the CPU can read; the reducer for an accelerator's (or offloaded blocks run there)
+        hooks = [_core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=reducer)
+                 for slot in range(len(blocks))]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
     with exclusive_use(model), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
         try:
             for batch in batches:
-                _run_batch(model, batch, device, accumulator, hooks, collector)
+                _run_batch(model, batch, device, accumulator, hooks, reducer)
                 if on_batch is not None:
                     on_batch(batch)
         finally:
             accumulator.clear_batch()
+    reducer.merge_into(accumulator)
+    return reducer
 
 
 def _run_batch(
@@ -108,19 +95,19 @@ def _run_batch(
     batch: TokenBatch,
     device: torch.device,
     accumulator: _core.Accumulator,
-    hooks: Sequence[_core.CaptureHook],
-    collector: DeviceRowCollector,
+    hooks: Sequence,
+    reducer: DeviceReducer,
 ) -> None:
     if batch.read_index is not None:
         accumulator.set_batch(batch.groups, index=batch.read_index)
     else:
         accumulator.set_batch(batch.groups, mask=batch.attention_mask)
-    collector.begin(batch)
+    reducer.begin(batch)
     calls_before = [hook.calls for hook in hooks]
     try:
         model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
+            input_ids=to_device(batch.input_ids, device),
+            attention_mask=to_device(batch.attention_mask, device),
             use_cache=False,
         )
     except _core.StopForward:
@@ -131,4 +118,3 @@ def _run_batch(
             f"hooked block(s) at slot(s) {missed} did not run exactly once in the forward; "
             "the block list does not match how this model executes (pass layer_modules=...)"
         )
-    collector.flush(accumulator)

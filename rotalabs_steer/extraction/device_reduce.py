@@ -1,0 +1,128 @@
+"""Reduction on the device that holds the activations: no host sync between batches.
+
+For tensors the C core cannot read (an accelerator's), or for every tensor with
+``reduce_on="device"``, each hooked layer's rows are selected and summed where they are,
+by torch kernels queued behind the forward: a gather (one token per row) or a masked
+``bmm`` (mean over real tokens), then an ``index_add_`` into float64 sums and counts per
+(slot, row group) that live on that device. Rows kept for the held-out separation figures
+are chosen before the first forward (the number of rows is known), so choosing needs no
+decision on the host either: each batch copies its chosen rows into a preallocated buffer.
+Nothing leaves the device until ``merge_into``, one transfer per device at the end.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .. import _core
+from .batching import TokenBatch
+
+
+class _DeviceState:
+    """Float64 sums / counts per (slot, group) and the sampled rows, on one device."""
+
+    def __init__(self, device: torch.device, num_slots: int, num_groups: int, hidden: int, sample_rows: int):
+        # One spare group and one spare sample row: where rows to skip (group -1, not sampled) go,
+        # so that no mask has to be turned into indices on the host.
+        self.sums = torch.zeros(num_slots, num_groups + 1, hidden, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_slots, num_groups + 1, dtype=torch.int64, device=device)
+        self.samples = torch.zeros(num_slots, sample_rows + 1, hidden, dtype=torch.float64, device=device)
+        self.sample_groups = torch.full((num_slots, sample_rows + 1), -1, dtype=torch.int64, device=device)
+
+
+class DeviceReducer:
+    """Reduces ``[batch, seq, hidden]`` block outputs on their own device (``__call__(slot, hidden)``).
+
+    ``begin(batch)`` before each forward; ``merge_into(accumulator)`` once at the end adds the
+    sums and counts to the C accumulator's; ``samples(slot)`` gives the sampled rows of a slot
+    reduced here (None for a slot that never was).
+    """
+
+    def __init__(self, num_slots: int, num_groups: int, hidden: int, total_rows: int, sample_rows: int = 0,
+                 seed: int = 0) -> None:
+        self.num_slots, self.num_groups, self.hidden = num_slots, num_groups, hidden
+        self.sample_rows = min(sample_rows, total_rows)
+        # Sample slot of every row this process runs, chosen ahead; the spare slot for the others.
+        chosen = random.Random(seed).sample(range(total_rows), self.sample_rows)
+        self._sample_slot = torch.full((total_rows,), self.sample_rows, dtype=torch.int64)
+        self._sample_slot[torch.as_tensor(chosen, dtype=torch.int64)] = torch.arange(self.sample_rows)
+        self._states: dict[torch.device, _DeviceState] = {}
+        self._slots_seen: set[int] = set()
+        self._batch: TokenBatch | None = None
+        self._inputs: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.transfers_to_host = 0  # device-to-host copies made: one set at the end, never per batch
+
+    def begin(self, batch: TokenBatch) -> None:
+        self._batch, self._inputs = batch, {}
+
+    def _batch_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch's row groups, sample slots and read index / mask on ``device``, copied once."""
+        if device not in self._inputs:
+            batch = self._batch
+            groups = torch.where(batch.groups < 0, self.num_groups, batch.groups)
+            host = {"groups": groups, "sample_slot": self._sample_slot[batch.row_ids]}
+            if batch.read_index is not None:
+                host["index"] = batch.read_index
+            else:
+                host["mask"] = batch.attention_mask
+            self._inputs[device] = {key: to_device(value, device) for key, value in host.items()}
+        return self._inputs[device]
+
+    def _state(self, device: torch.device) -> _DeviceState:
+        if device not in self._states:
+            self._states[device] = _DeviceState(device, self.num_slots, self.num_groups, self.hidden,
+                                                self.sample_rows)
+        return self._states[device]
+
+    def __call__(self, slot: int, hidden: torch.Tensor) -> None:
+        device = hidden.device
+        inputs = self._batch_on(device)
+        if "index" in inputs:
+            rows = hidden[torch.arange(hidden.shape[0], device=device), inputs["index"]].to(torch.float64)
+        else:
+            # Sum over real tokens as one masked bmm in float32, float64 from there on.
+            total = torch.bmm(inputs["mask"][:, None, :].float(), hidden.float()).squeeze(1).to(torch.float64)
+            rows = total / inputs["mask"].sum(1, keepdim=True).to(torch.float64)
+        state = self._state(device)
+        state.sums[slot].index_add_(0, inputs["groups"], rows)
+        state.counts[slot].index_add_(0, inputs["groups"], torch.ones_like(inputs["groups"]))
+        if self.sample_rows:
+            state.samples[slot].index_copy_(0, inputs["sample_slot"], rows)
+            state.sample_groups[slot].index_copy_(0, inputs["sample_slot"], inputs["groups"])
+        self._slots_seen.add(slot)
+
+    def merge_into(self, accumulator: _core.Accumulator) -> None:
+        """Add the device sums and counts to ``accumulator`` (one transfer per device)."""
+        if not self._states:
+            return
+        sums, counts = accumulator.state()
+        self._host_samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for state in self._states.values():
+            self.transfers_to_host += 1
+            sums += state.sums[:, : self.num_groups].cpu().numpy()
+            counts += state.counts[:, : self.num_groups].cpu().numpy()
+            if self.sample_rows:
+                rows = state.samples[:, : self.sample_rows].cpu().numpy()
+                groups = state.sample_groups[:, : self.sample_rows].cpu().numpy()
+                for slot in range(self.num_slots):
+                    taken = (groups[slot] >= 0) & (groups[slot] < self.num_groups)
+                    if taken.any():
+                        self._host_samples[slot] = (rows[slot][taken], groups[slot][taken])
+        accumulator.load_state(sums, counts)
+
+    def samples(self, slot: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows sampled from ``slot`` and their group codes, if it was reduced here."""
+        if slot not in self._slots_seen:
+            return None
+        empty = (np.zeros((0, self.hidden)), np.zeros(0, dtype=np.int64))
+        return getattr(self, "_host_samples", {}).get(slot, empty)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to ``device`` without blocking the host: through pinned memory on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
