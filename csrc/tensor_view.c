@@ -120,8 +120,7 @@ int tensor_view_is_float(const TensorView *view)
 void tensor_view_release(TensorView *view)
 {
     /* A producer's deleter may run Python code; keep any pending error out of its way. */
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *pending = PyErr_GetRaisedException();
     if (view->versioned != NULL) {
         DLManagedTensorVersioned *managed = view->versioned;
         view->versioned = NULL;
@@ -134,17 +133,16 @@ void tensor_view_release(TensorView *view)
         if (managed->deleter != NULL)
             managed->deleter(managed);
     }
-    PyErr_Restore(type, value, traceback);
+    PyErr_SetRaisedException(pending);
 }
 
 /* Drops a reference while an exception is pending: the object's destructor (a capsule's
  * runs producer code, which may be Python) must neither see nor clobber the error. */
 static void drop_keeping_error(PyObject *obj)
 {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *pending = PyErr_GetRaisedException();
     Py_DECREF(obj);
-    PyErr_Restore(type, value, traceback);
+    PyErr_SetRaisedException(pending);
 }
 
 /* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
