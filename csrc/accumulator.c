@@ -14,20 +14,22 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <stddef.h>
 #include <string.h>
 
 typedef struct {
     PyObject_HEAD
-    int64_t num_slots;
-    int64_t num_groups;
-    int64_t hidden;
+    /* Py_ssize_t (not int64_t) so that PyMemberDef can expose them as Py_T_PYSSIZET. */
+    Py_ssize_t num_slots;
+    Py_ssize_t num_groups;
+    Py_ssize_t hidden;
     double *sums;     /* [num_slots][num_groups][hidden] */
     int64_t *counts;  /* [num_slots][num_groups] */
     double *scratch;  /* [hidden], one selected row */
     RowPlan batch;    /* set by set_batch; batch.groups == NULL when unset */
     int busy;
     /* Reservoir sample of selected rows per slot (sample_rows == 0: none). */
-    int64_t sample_rows;
+    Py_ssize_t sample_rows;
     double *samples;        /* [num_slots][sample_rows][hidden] */
     int64_t *sample_groups; /* [num_slots][sample_rows] */
     int64_t *sample_seen;   /* [num_slots] */
@@ -109,8 +111,9 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
     return (PyObject *)self;
 }
 
-static void Accumulator_dealloc(Accumulator *self)
+static void Accumulator_dealloc(PyObject *op)
 {
+    Accumulator *self = (Accumulator *)op;
     PyTypeObject *type = Py_TYPE(self);
     PyMem_RawFree(self->sums);
     PyMem_RawFree(self->counts);
@@ -119,7 +122,7 @@ static void Accumulator_dealloc(Accumulator *self)
     PyMem_RawFree(self->sample_groups);
     PyMem_RawFree(self->sample_seen);
     row_plan_free(&self->batch);
-    type->tp_free((PyObject *)self);
+    type->tp_free(op);
     Py_DECREF(type);
 }
 
@@ -158,9 +161,9 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
     return 0;
 }
 
-int accumulator_add_batch(PyObject *obj, Py_ssize_t slot, PyObject *activations)
+int accumulator_add_batch(PyObject *op, Py_ssize_t slot, PyObject *activations)
 {
-    Accumulator *self = (Accumulator *)obj;
+    Accumulator *self = (Accumulator *)op;
     if (self->batch.groups == NULL) {
         PyErr_SetString(PyExc_RuntimeError,
                         "Accumulator has no batch: call set_batch() before the forward");
@@ -181,8 +184,9 @@ PyDoc_STRVAR(add_doc,
 "mask:   int/bool [batch, seq], the tokens averaged for each row.\n"
 "Without index or mask, activations are [batch, hidden] rows.");
 
-static PyObject *Accumulator_add(Accumulator *self, PyObject *args, PyObject *kwargs)
+static PyObject *Accumulator_add(PyObject *op, PyObject *args, PyObject *kwargs)
 {
+    Accumulator *self = (Accumulator *)op;
     static char *keywords[] = {"slot", "activations", "groups", "index", "mask", NULL};
     Py_ssize_t slot;
     PyObject *activations, *groups, *index = Py_None, *mask = Py_None;
@@ -207,8 +211,9 @@ PyDoc_STRVAR(set_batch_doc,
 "set_batch($self, /, groups, *, index=None, mask=None)\n--\n\n"
 "Set the row plan that add_batch() and CaptureHook use for the next forward.");
 
-static PyObject *Accumulator_set_batch(Accumulator *self, PyObject *args, PyObject *kwargs)
+static PyObject *Accumulator_set_batch(PyObject *op, PyObject *args, PyObject *kwargs)
 {
+    Accumulator *self = (Accumulator *)op;
     static char *keywords[] = {"groups", "index", "mask", NULL};
     PyObject *groups, *index = Py_None, *mask = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_batch", keywords, &groups, &index,
@@ -228,8 +233,9 @@ static PyObject *Accumulator_set_batch(Accumulator *self, PyObject *args, PyObje
     Py_RETURN_NONE;
 }
 
-static PyObject *Accumulator_clear_batch(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_clear_batch(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    Accumulator *self = (Accumulator *)op;
     if (enter(self) < 0)
         return NULL;
     row_plan_free(&self->batch);
@@ -241,13 +247,13 @@ PyDoc_STRVAR(add_batch_doc,
 "add_batch($self, slot, activations, /)\n--\n\n"
 "Add `activations` to slot `slot` with the plan given to set_batch().");
 
-static PyObject *Accumulator_add_batch_method(Accumulator *self, PyObject *args)
+static PyObject *Accumulator_add_batch_method(PyObject *op, PyObject *args)
 {
     Py_ssize_t slot;
     PyObject *activations;
     if (!PyArg_ParseTuple(args, "nO:add_batch", &slot, &activations))
         return NULL;
-    if (accumulator_add_batch((PyObject *)self, slot, activations) < 0)
+    if (accumulator_add_batch(op, slot, activations) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -259,8 +265,9 @@ PyDoc_STRVAR(state_doc,
 "Return (sums, counts) as new NumPy arrays: float64 [slots, groups, hidden] and\n"
 "int64 [slots, groups].");
 
-static PyObject *Accumulator_state(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_state(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    Accumulator *self = (Accumulator *)op;
     if (enter(self) < 0)
         return NULL;
     PyObject *result = NULL;
@@ -304,8 +311,9 @@ PyDoc_STRVAR(load_state_doc,
 "Replace the state with `sums` (float64 [slots, groups, hidden]) and `counts`\n"
 "(integer [slots, groups]), e.g. after an all-reduce across processes.");
 
-static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
+static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
 {
+    Accumulator *self = (Accumulator *)op;
     PyObject *sums_obj, *counts_obj;
     if (!PyArg_ParseTuple(args, "OO:load_state", &sums_obj, &counts_obj))
         return NULL;
@@ -365,8 +373,9 @@ PyDoc_STRVAR(merge_doc,
 "merge($self, other, /)\n--\n\n"
 "Add the sums and counts of `other` (an Accumulator of the same shape) to this one.");
 
-static PyObject *Accumulator_merge(Accumulator *self, PyObject *other_obj)
+static PyObject *Accumulator_merge(PyObject *op, PyObject *other_obj)
 {
+    Accumulator *self = (Accumulator *)op;
     if (!Py_IS_TYPE(other_obj, Py_TYPE(self))) {
         PyErr_Format(PyExc_TypeError, "other must be an Accumulator, not %.200s",
                      Py_TYPE(other_obj)->tp_name);
@@ -406,8 +415,9 @@ PyDoc_STRVAR(samples_doc,
 "int64 [n], n = min(rows offered, sample_rows). Every selected row has the same chance\n"
 "of being kept; the sample is reproducible for a given seed and row order.");
 
-static PyObject *Accumulator_samples(Accumulator *self, PyObject *arg)
+static PyObject *Accumulator_samples(PyObject *op, PyObject *arg)
 {
+    Accumulator *self = (Accumulator *)op;
     Py_ssize_t slot = PyLong_AsSsize_t(arg);
     if (slot == -1 && PyErr_Occurred())
         return NULL;
@@ -438,8 +448,9 @@ static PyObject *Accumulator_samples(Accumulator *self, PyObject *arg)
     return result;
 }
 
-static PyObject *Accumulator_reset(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_reset(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    Accumulator *self = (Accumulator *)op;
     if (enter(self) < 0)
         return NULL;
     memset(self->sums, 0, (size_t)state_size(self) * sizeof(double));
@@ -452,56 +463,46 @@ static PyObject *Accumulator_reset(Accumulator *self, PyObject *Py_UNUSED(ignore
 
 /* ------------------------------------------------------------------- type */
 
-static PyObject *Accumulator_get_num_slots(Accumulator *self, void *Py_UNUSED(closure))
+static PyObject *Accumulator_get_batch_rows(PyObject *op, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLongLong(self->num_slots);
-}
-
-static PyObject *Accumulator_get_num_groups(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->num_groups);
-}
-
-static PyObject *Accumulator_get_hidden(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->hidden);
-}
-
-static PyObject *Accumulator_get_sample_rows(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->sample_rows);
-}
-
-static PyObject *Accumulator_get_batch_rows(Accumulator *self, void *Py_UNUSED(closure))
-{
+    Accumulator *self = (Accumulator *)op;
     if (self->batch.groups == NULL)
         Py_RETURN_NONE;
     return PyLong_FromLongLong(self->batch.rows);
 }
 
-static PyGetSetDef Accumulator_getset[] = {
-    {"num_slots", (getter)Accumulator_get_num_slots, NULL, "Number of slots (hooked layers).", NULL},
-    {"num_groups", (getter)Accumulator_get_num_groups, NULL, "Number of row groups.", NULL},
-    {"hidden", (getter)Accumulator_get_hidden, NULL, "Width of each row.", NULL},
-    {"sample_rows", (getter)Accumulator_get_sample_rows, NULL,
-     "Capacity of each slot's reservoir sample of rows.", NULL},
-    {"batch_rows", (getter)Accumulator_get_batch_rows, NULL,
-     "Rows in the current batch plan, or None.", NULL},
+static PyMemberDef Accumulator_members[] = {
+    {"num_slots", Py_T_PYSSIZET, offsetof(Accumulator, num_slots), Py_READONLY,
+     "Number of slots (hooked layers)."},
+    {"num_groups", Py_T_PYSSIZET, offsetof(Accumulator, num_groups), Py_READONLY,
+     "Number of row groups."},
+    {"hidden", Py_T_PYSSIZET, offsetof(Accumulator, hidden), Py_READONLY, "Width of each row."},
+    {"sample_rows", Py_T_PYSSIZET, offsetof(Accumulator, sample_rows), Py_READONLY,
+     "Capacity of each slot's reservoir sample of rows."},
     {NULL},
 };
 
+/* batch_rows is None without a plan, so it stays a getter rather than a member. */
+static PyGetSetDef Accumulator_getset[] = {
+    {"batch_rows", Accumulator_get_batch_rows, NULL, "Rows in the current batch plan, or None.",
+     NULL},
+    {NULL},
+};
+
+/* add and set_batch take keywords: PyCFunctionWithKeywords goes through the documented
+ * (PyCFunction)(void (*)(void)) cast, and CPython calls it back with its real type. */
 static PyMethodDef Accumulator_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Accumulator_add, METH_VARARGS | METH_KEYWORDS, add_doc},
     {"set_batch", (PyCFunction)(void (*)(void))Accumulator_set_batch,
      METH_VARARGS | METH_KEYWORDS, set_batch_doc},
-    {"clear_batch", (PyCFunction)Accumulator_clear_batch, METH_NOARGS,
+    {"clear_batch", Accumulator_clear_batch, METH_NOARGS,
      "clear_batch($self, /)\n--\n\nForget the current batch plan."},
-    {"add_batch", (PyCFunction)Accumulator_add_batch_method, METH_VARARGS, add_batch_doc},
-    {"state", (PyCFunction)Accumulator_state, METH_NOARGS, state_doc},
-    {"load_state", (PyCFunction)Accumulator_load_state, METH_VARARGS, load_state_doc},
-    {"merge", (PyCFunction)Accumulator_merge, METH_O, merge_doc},
-    {"samples", (PyCFunction)Accumulator_samples, METH_O, samples_doc},
-    {"reset", (PyCFunction)Accumulator_reset, METH_NOARGS,
+    {"add_batch", Accumulator_add_batch_method, METH_VARARGS, add_batch_doc},
+    {"state", Accumulator_state, METH_NOARGS, state_doc},
+    {"load_state", Accumulator_load_state, METH_VARARGS, load_state_doc},
+    {"merge", Accumulator_merge, METH_O, merge_doc},
+    {"samples", Accumulator_samples, METH_O, samples_doc},
+    {"reset", Accumulator_reset, METH_NOARGS,
      "reset($self, /)\n--\n\nSet every sum and count to zero and empty the samples."},
     {NULL},
 };
@@ -515,6 +516,7 @@ static PyType_Slot Accumulator_slots[] = {
     {Py_tp_new, Accumulator_new},
     {Py_tp_dealloc, Accumulator_dealloc},
     {Py_tp_methods, Accumulator_methods},
+    {Py_tp_members, Accumulator_members},
     {Py_tp_getset, Accumulator_getset},
     {Py_tp_doc, (void *)Accumulator_doc},
     {0, NULL},

@@ -9,11 +9,13 @@
  */
 #include "core.h"
 
+#include <stddef.h>
+
 typedef struct {
     PyObject_HEAD
     PyObject *accumulator;
     Py_ssize_t slot;
-    int stop;
+    char stop; /* a char, the C type behind Py_T_BOOL */
     PyObject *device_rows; /* callable(slot, tensor) or None */
     Py_ssize_t calls;
 } CaptureHook;
@@ -44,32 +46,34 @@ static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *k
         return NULL;
     self->accumulator = Py_NewRef(accumulator);
     self->slot = slot;
-    self->stop = stop;
+    self->stop = (char)stop;
     self->device_rows = Py_NewRef(device_rows);
     return (PyObject *)self;
 }
 
-static int CaptureHook_traverse(CaptureHook *self, visitproc visit, void *arg)
+static int CaptureHook_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    CaptureHook *self = (CaptureHook *)op;
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->accumulator);
     Py_VISIT(self->device_rows);
     return 0;
 }
 
-static int CaptureHook_clear(CaptureHook *self)
+static int CaptureHook_clear(PyObject *op)
 {
+    CaptureHook *self = (CaptureHook *)op;
     Py_CLEAR(self->accumulator);
     Py_CLEAR(self->device_rows);
     return 0;
 }
 
-static void CaptureHook_dealloc(CaptureHook *self)
+static void CaptureHook_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    CaptureHook_clear(self);
-    type->tp_free((PyObject *)self);
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    CaptureHook_clear(op);
+    type->tp_free(op);
     Py_DECREF(type);
 }
 
@@ -104,8 +108,9 @@ static int host_readable(PyObject *tensor)
 }
 
 /* hook(module, args, output) or hook(module, args, kwargs, output): output is last. */
-static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *kwargs)
+static PyObject *CaptureHook_call(PyObject *op, PyObject *args, PyObject *kwargs)
 {
+    CaptureHook *self = (CaptureHook *)op;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
         PyErr_SetString(PyExc_TypeError, "CaptureHook takes positional arguments only");
         return NULL;
@@ -156,31 +161,15 @@ finally:
     return result;
 }
 
-static PyObject *CaptureHook_get_calls(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->calls);
-}
-
-static PyObject *CaptureHook_get_slot(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->slot);
-}
-
-static PyObject *CaptureHook_get_stop(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->stop);
-}
-
-static PyObject *CaptureHook_get_accumulator(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return Py_NewRef(self->accumulator);
-}
-
-static PyGetSetDef CaptureHook_getset[] = {
-    {"calls", (getter)CaptureHook_get_calls, NULL, "How many times the hook has run.", NULL},
-    {"slot", (getter)CaptureHook_get_slot, NULL, "The accumulator slot this hook fills.", NULL},
-    {"stop", (getter)CaptureHook_get_stop, NULL, "Whether the hook ends the forward.", NULL},
-    {"accumulator", (getter)CaptureHook_get_accumulator, NULL, "The Accumulator fed.", NULL},
+static PyMemberDef CaptureHook_members[] = {
+    {"calls", Py_T_PYSSIZET, offsetof(CaptureHook, calls), Py_READONLY,
+     "How many times the hook has run."},
+    {"slot", Py_T_PYSSIZET, offsetof(CaptureHook, slot), Py_READONLY,
+     "The accumulator slot this hook fills."},
+    {"stop", Py_T_BOOL, offsetof(CaptureHook, stop), Py_READONLY,
+     "Whether the hook ends the forward."},
+    {"accumulator", Py_T_OBJECT_EX, offsetof(CaptureHook, accumulator), Py_READONLY,
+     "The Accumulator fed."},
     {NULL},
 };
 
@@ -195,7 +184,7 @@ static PyType_Slot CaptureHook_slots[] = {
     {Py_tp_traverse, CaptureHook_traverse},
     {Py_tp_clear, CaptureHook_clear},
     {Py_tp_call, CaptureHook_call},
-    {Py_tp_getset, CaptureHook_getset},
+    {Py_tp_members, CaptureHook_members},
     {Py_tp_doc, (void *)CaptureHook_doc},
     {0, NULL},
 };

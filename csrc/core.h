@@ -19,6 +19,16 @@
 
 /* ------------------------------------------------------------------ compat */
 
+/* PyMemberDef type codes got public Py_-prefixed names in 3.12; 3.11 has only the
+ * structmember.h spellings. */
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_T_BOOL T_BOOL
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
+
 /* PyErr_Fetch/PyErr_Restore are deprecated since 3.12; on 3.11 the single-object API
  * is built from them so that every call site uses the modern form. */
 #if PY_VERSION_HEX < 0x030C0000
