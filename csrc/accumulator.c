@@ -52,7 +52,10 @@ static int64_t state_size(const Accumulator *self)
     return self->num_slots * self->num_groups * self->hidden;
 }
 
-static int enter(Accumulator *self)
+/* The busy flag: every method that reads or writes the state takes it first and gives
+ * it back on its single exit, so a second thread (or a re-entrant callback) is refused
+ * instead of racing the reduction that runs without the GIL. GIL held for both. */
+static int acquire(Accumulator *self)
 {
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -62,6 +65,11 @@ static int enter(Accumulator *self)
     }
     self->busy = 1;
     return 0;
+}
+
+static void release(Accumulator *self)
+{
+    self->busy = 0;
 }
 
 /* ------------------------------------------------------------ construction */
@@ -128,6 +136,7 @@ static void Accumulator_dealloc(PyObject *op)
 
 /* --------------------------------------------------------------- reduction */
 
+/* Called with the busy flag held. */
 static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan,
                          PyObject *activations)
 {
@@ -169,10 +178,10 @@ int accumulator_add_batch(PyObject *op, Py_ssize_t slot, PyObject *activations)
                         "Accumulator has no batch: call set_batch() before the forward");
         return -1;
     }
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return -1;
     int status = add_with_plan(self, slot, &self->batch, activations);
-    self->busy = 0;
+    release(self);
     return status;
 }
 
@@ -186,25 +195,25 @@ PyDoc_STRVAR(add_doc,
 
 static PyObject *Accumulator_add(PyObject *op, PyObject *args, PyObject *kwargs)
 {
-    Accumulator *self = (Accumulator *)op;
     static char *keywords[] = {"slot", "activations", "groups", "index", "mask", NULL};
+    Accumulator *self = (Accumulator *)op;
     Py_ssize_t slot;
     PyObject *activations, *groups, *index = Py_None, *mask = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOO|$OO:add", keywords, &slot, &activations,
                                      &groups, &index, &mask))
         return NULL;
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     RowPlan plan;
-    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
-    if (status == 0) {
-        status = add_with_plan(self, slot, &plan, activations);
-        row_plan_free(&plan);
-    }
-    self->busy = 0;
-    if (status < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    if (row_plan_build(&plan, groups, index, mask, self->num_groups) < 0)
+        goto finally;
+    if (add_with_plan(self, slot, &plan, activations) == 0)
+        result = Py_NewRef(Py_None);
+    row_plan_free(&plan);
+finally:
+    release(self);
+    return result;
 }
 
 PyDoc_STRVAR(set_batch_doc,
@@ -213,33 +222,33 @@ PyDoc_STRVAR(set_batch_doc,
 
 static PyObject *Accumulator_set_batch(PyObject *op, PyObject *args, PyObject *kwargs)
 {
-    Accumulator *self = (Accumulator *)op;
     static char *keywords[] = {"groups", "index", "mask", NULL};
+    Accumulator *self = (Accumulator *)op;
     PyObject *groups, *index = Py_None, *mask = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_batch", keywords, &groups, &index,
                                      &mask))
         return NULL;
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     RowPlan plan;
-    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
-    if (status == 0) {
-        row_plan_free(&self->batch);
-        self->batch = plan;
-    }
-    self->busy = 0;
-    if (status < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    if (row_plan_build(&plan, groups, index, mask, self->num_groups) < 0)
+        goto finally;
+    row_plan_free(&self->batch);
+    self->batch = plan;
+    result = Py_NewRef(Py_None);
+finally:
+    release(self);
+    return result;
 }
 
 static PyObject *Accumulator_clear_batch(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     Accumulator *self = (Accumulator *)op;
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
     row_plan_free(&self->batch);
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
@@ -247,13 +256,13 @@ PyDoc_STRVAR(add_batch_doc,
 "add_batch($self, slot, activations, /)\n--\n\n"
 "Add `activations` to slot `slot` with the plan given to set_batch().");
 
-static PyObject *Accumulator_add_batch_method(PyObject *op, PyObject *args)
+static PyObject *Accumulator_add_batch_method(PyObject *self, PyObject *args)
 {
     Py_ssize_t slot;
     PyObject *activations;
     if (!PyArg_ParseTuple(args, "nO:add_batch", &slot, &activations))
         return NULL;
-    if (accumulator_add_batch(op, slot, activations) < 0)
+    if (accumulator_add_batch(self, slot, activations) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -268,23 +277,24 @@ PyDoc_STRVAR(state_doc,
 static PyObject *Accumulator_state(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     Accumulator *self = (Accumulator *)op;
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
     PyObject *result = NULL;
     npy_intp sum_dims[3] = {self->num_slots, self->num_groups, self->hidden};
     npy_intp count_dims[2] = {self->num_slots, self->num_groups};
     PyObject *sums = PyArray_SimpleNew(3, sum_dims, NPY_FLOAT64);
     PyObject *counts = PyArray_SimpleNew(2, count_dims, NPY_INT64);
-    if (sums != NULL && counts != NULL) {
-        memcpy(PyArray_DATA((PyArrayObject *)sums), self->sums,
-               (size_t)state_size(self) * sizeof(double));
-        memcpy(PyArray_DATA((PyArrayObject *)counts), self->counts,
-               (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
-        result = PyTuple_Pack(2, sums, counts);
-    }
+    if (sums == NULL || counts == NULL)
+        goto finally;
+    memcpy(PyArray_DATA((PyArrayObject *)sums), self->sums,
+           (size_t)state_size(self) * sizeof(double));
+    memcpy(PyArray_DATA((PyArrayObject *)counts), self->counts,
+           (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
+    result = PyTuple_Pack(2, sums, counts);
+finally:
     Py_XDECREF(sums);
     Py_XDECREF(counts);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
@@ -317,12 +327,12 @@ static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
     PyObject *sums_obj, *counts_obj;
     if (!PyArg_ParseTuple(args, "OO:load_state", &sums_obj, &counts_obj))
         return NULL;
+    if (acquire(self) < 0)
+        return NULL;
     TensorView sums = {0}, counts = {0};
     PyObject *result = NULL;
     int64_t sum_shape[3] = {self->num_slots, self->num_groups, self->hidden};
     int64_t count_shape[2] = {self->num_slots, self->num_groups};
-    if (enter(self) < 0)
-        return NULL;
     if (tensor_view_acquire(sums_obj, "sums", &sums) < 0)
         goto finally;
     if (tensor_view_acquire(counts_obj, "counts", &counts) < 0)
@@ -365,7 +375,7 @@ static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
 finally:
     tensor_view_release(&sums);
     tensor_view_release(&counts);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
@@ -396,16 +406,18 @@ static PyObject *Accumulator_merge(PyObject *op, PyObject *other_obj)
         PyErr_SetString(PyExc_ValueError, "cannot merge an Accumulator into itself");
         return NULL;
     }
-    if (other->busy || enter(self) < 0) {
-        if (other->busy)
-            PyErr_SetString(PyExc_RuntimeError, "other Accumulator is in use by another thread");
+    /* `other` is only read, with the GIL held: refusing it while busy is enough. */
+    if (other->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "other Accumulator is in use by another thread");
         return NULL;
     }
+    if (acquire(self) < 0)
+        return NULL;
     for (int64_t i = 0; i < state_size(self); i++)
         self->sums[i] += other->sums[i];
     for (int64_t i = 0; i < self->num_slots * self->num_groups; i++)
         self->counts[i] += other->counts[i];
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
@@ -426,38 +438,39 @@ static PyObject *Accumulator_samples(PyObject *op, PyObject *arg)
                      (long long)self->num_slots);
         return NULL;
     }
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     int64_t seen = self->sample_seen[slot];
     npy_intp n = seen < self->sample_rows ? seen : self->sample_rows;
     npy_intp row_dims[2] = {n, self->hidden};
     PyObject *rows = PyArray_SimpleNew(2, row_dims, NPY_FLOAT64);
     PyObject *groups = PyArray_SimpleNew(1, &n, NPY_INT64);
-    PyObject *result = NULL;
-    if (rows != NULL && groups != NULL) {
-        memcpy(PyArray_DATA((PyArrayObject *)rows),
-               self->samples + slot * self->sample_rows * self->hidden,
-               (size_t)(n * self->hidden) * sizeof(double));
-        memcpy(PyArray_DATA((PyArrayObject *)groups), self->sample_groups + slot * self->sample_rows,
-               (size_t)n * sizeof(int64_t));
-        result = PyTuple_Pack(2, rows, groups);
-    }
+    if (rows == NULL || groups == NULL)
+        goto finally;
+    memcpy(PyArray_DATA((PyArrayObject *)rows),
+           self->samples + slot * self->sample_rows * self->hidden,
+           (size_t)(n * self->hidden) * sizeof(double));
+    memcpy(PyArray_DATA((PyArrayObject *)groups), self->sample_groups + slot * self->sample_rows,
+           (size_t)n * sizeof(int64_t));
+    result = PyTuple_Pack(2, rows, groups);
+finally:
     Py_XDECREF(rows);
     Py_XDECREF(groups);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
 static PyObject *Accumulator_reset(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     Accumulator *self = (Accumulator *)op;
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
     memset(self->sums, 0, (size_t)state_size(self) * sizeof(double));
     memset(self->counts, 0, (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
     memset(self->sample_seen, 0, (size_t)self->num_slots * sizeof(int64_t));
     self->rng = self->seed;
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
