@@ -52,6 +52,11 @@ static int64_t state_size(const Accumulator *self)
     return self->num_slots * self->num_groups * self->hidden;
 }
 
+static CoreState *get_state(Accumulator *self)
+{
+    return core_state_from_type(Py_TYPE(self));
+}
+
 /* The busy flag: every method that reads or writes the state takes it first and gives
  * it back on its single exit, so a second thread (or a re-entrant callback) is refused
  * instead of racing the reduction that runs without the GIL. GIL held for both. */
@@ -137,8 +142,8 @@ static void Accumulator_dealloc(PyObject *op)
 /* --------------------------------------------------------------- reduction */
 
 /* Called with the busy flag held. */
-static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan,
-                         PyObject *activations)
+static int add_with_plan(CoreState *state, Accumulator *self, Py_ssize_t slot,
+                         const RowPlan *plan, PyObject *activations)
 {
     if (slot < 0 || slot >= self->num_slots) {
         PyErr_Format(PyExc_IndexError, "slot %zd is out of range for %lld slots", slot,
@@ -146,7 +151,7 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
         return -1;
     }
     TensorView act;
-    if (tensor_view_acquire(activations, "activations", &act) < 0)
+    if (tensor_view_acquire(state, activations, "activations", &act) < 0)
         return -1;
     if (row_plan_check(plan, &act, self->hidden) < 0) {
         tensor_view_release(&act);
@@ -173,6 +178,9 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
 int accumulator_add_batch(PyObject *op, Py_ssize_t slot, PyObject *activations)
 {
     Accumulator *self = (Accumulator *)op;
+    CoreState *state = get_state(self);
+    if (state == NULL)
+        return -1;
     if (self->batch.groups == NULL) {
         PyErr_SetString(PyExc_RuntimeError,
                         "Accumulator has no batch: call set_batch() before the forward");
@@ -180,7 +188,7 @@ int accumulator_add_batch(PyObject *op, Py_ssize_t slot, PyObject *activations)
     }
     if (acquire(self) < 0)
         return -1;
-    int status = add_with_plan(self, slot, &self->batch, activations);
+    int status = add_with_plan(state, self, slot, &self->batch, activations);
     release(self);
     return status;
 }
@@ -202,13 +210,14 @@ static PyObject *Accumulator_add(PyObject *op, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOO|$OO:add", keywords, &slot, &activations,
                                      &groups, &index, &mask))
         return NULL;
-    if (acquire(self) < 0)
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
     PyObject *result = NULL;
     RowPlan plan;
-    if (row_plan_build(&plan, groups, index, mask, self->num_groups) < 0)
+    if (row_plan_build(state, &plan, groups, index, mask, self->num_groups) < 0)
         goto finally;
-    if (add_with_plan(self, slot, &plan, activations) == 0)
+    if (add_with_plan(state, self, slot, &plan, activations) == 0)
         result = Py_NewRef(Py_None);
     row_plan_free(&plan);
 finally:
@@ -228,11 +237,12 @@ static PyObject *Accumulator_set_batch(PyObject *op, PyObject *args, PyObject *k
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_batch", keywords, &groups, &index,
                                      &mask))
         return NULL;
-    if (acquire(self) < 0)
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
     PyObject *result = NULL;
     RowPlan plan;
-    if (row_plan_build(&plan, groups, index, mask, self->num_groups) < 0)
+    if (row_plan_build(state, &plan, groups, index, mask, self->num_groups) < 0)
         goto finally;
     row_plan_free(&self->batch);
     self->batch = plan;
@@ -327,15 +337,16 @@ static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
     PyObject *sums_obj, *counts_obj;
     if (!PyArg_ParseTuple(args, "OO:load_state", &sums_obj, &counts_obj))
         return NULL;
-    if (acquire(self) < 0)
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
     TensorView sums = {0}, counts = {0};
     PyObject *result = NULL;
     int64_t sum_shape[3] = {self->num_slots, self->num_groups, self->hidden};
     int64_t count_shape[2] = {self->num_slots, self->num_groups};
-    if (tensor_view_acquire(sums_obj, "sums", &sums) < 0)
+    if (tensor_view_acquire(state, sums_obj, "sums", &sums) < 0)
         goto finally;
-    if (tensor_view_acquire(counts_obj, "counts", &counts) < 0)
+    if (tensor_view_acquire(state, counts_obj, "counts", &counts) < 0)
         goto finally;
     if (sums.dtype != RS_F64) {
         PyErr_Format(PyExc_TypeError, "sums must be float64, not %s", rs_dtype_name(sums.dtype));

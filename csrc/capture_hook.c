@@ -18,7 +18,11 @@ typedef struct {
     char stop; /* a char, the C type behind Py_T_BOOL */
     PyObject *device_rows; /* callable(slot, tensor) or None */
     Py_ssize_t calls;
+    vectorcallfunc vectorcall; /* torch calls hooks positionally: no args tuple per call */
 } CaptureHook;
+
+static PyObject *CaptureHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames);
 
 static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -48,6 +52,7 @@ static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *k
     self->slot = slot;
     self->stop = (char)stop;
     self->device_rows = Py_NewRef(device_rows);
+    self->vectorcall = CaptureHook_vectorcall;
     return (PyObject *)self;
 }
 
@@ -79,11 +84,13 @@ static void CaptureHook_dealloc(PyObject *op)
 
 /* 1 when the CPU can read `tensor` directly (or the DLPack reader should judge it: a bare
  * capsule, or an object without __dlpack_device__), 0 when not, -1 on error. */
-static int host_readable(PyObject *tensor)
+static int host_readable(CoreState *state, PyObject *tensor)
 {
     if (PyCapsule_CheckExact(tensor))
         return 1;
-    PyObject *method = PyObject_GetAttrString(tensor, "__dlpack_device__");
+    /* Not PyObject_VectorcallMethod: a missing method means "let the reader judge", while
+     * an AttributeError raised inside __dlpack_device__ must propagate. */
+    PyObject *method = PyObject_GetAttr(tensor, state->str_dlpack_device);
     if (method == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return -1;
@@ -107,15 +114,32 @@ static int host_readable(PyObject *tensor)
     return device_type == kDLCPU || device_type == kDLCUDAHost || device_type == kDLCUDAManaged;
 }
 
+/* Hands a tensor the CPU cannot read to device_rows(slot, tensor). */
+static int route_to_device_rows(CaptureHook *self, PyObject *tensor)
+{
+    PyObject *slot = PyLong_FromSsize_t(self->slot);
+    if (slot == NULL)
+        return -1;
+    PyObject *args[3] = {NULL, slot, tensor}; /* args[0]: scratch for the callee */
+    PyObject *r = PyObject_Vectorcall(self->device_rows, args + 1,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(slot);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* hook(module, args, output) or hook(module, args, kwargs, output): output is last. */
-static PyObject *CaptureHook_call(PyObject *op, PyObject *args, PyObject *kwargs)
+static PyObject *CaptureHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames)
 {
     CaptureHook *self = (CaptureHook *)op;
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
         PyErr_SetString(PyExc_TypeError, "CaptureHook takes positional arguments only");
         return NULL;
     }
-    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 3 && nargs != 4) {
         PyErr_Format(PyExc_TypeError,
                      "CaptureHook expects (module, args, output) or (module, args, kwargs, "
@@ -123,8 +147,11 @@ static PyObject *CaptureHook_call(PyObject *op, PyObject *args, PyObject *kwargs
                      nargs);
         return NULL;
     }
+    CoreState *state = core_state_from_type(Py_TYPE(self));
+    if (state == NULL)
+        return NULL;
     self->calls++;
-    PyObject *output = PyTuple_GET_ITEM(args, nargs - 1);
+    PyObject *output = args[nargs - 1];
     PyObject *activations = output;
     if (PyTuple_Check(output) || PyList_Check(output)) {
         if (PySequence_Fast_GET_SIZE(output) == 0) {
@@ -137,22 +164,17 @@ static PyObject *CaptureHook_call(PyObject *op, PyObject *args, PyObject *kwargs
     Py_INCREF(activations);
     PyObject *result = NULL;
     int direct = 1;
-    if (self->device_rows != Py_None && (direct = host_readable(activations)) < 0)
+    if (self->device_rows != Py_None && (direct = host_readable(state, activations)) < 0)
         goto finally;
     if (direct) {
         if (accumulator_add_batch(self->accumulator, self->slot, activations) < 0)
             goto finally;
     }
-    else {
-        PyObject *r = PyObject_CallFunction(self->device_rows, "nO", self->slot, activations);
-        if (r == NULL)
-            goto finally;
-        Py_DECREF(r);
+    else if (route_to_device_rows(self, activations) < 0) {
+        goto finally;
     }
     if (self->stop) {
-        CoreState *state = core_state_from_type(Py_TYPE(self));
-        if (state != NULL)
-            PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
+        PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
         goto finally;
     }
     result = Py_NewRef(Py_None);
@@ -170,6 +192,8 @@ static PyMemberDef CaptureHook_members[] = {
      "Whether the hook ends the forward."},
     {"accumulator", Py_T_OBJECT_EX, offsetof(CaptureHook, accumulator), Py_READONLY,
      "The Accumulator fed."},
+    /* How PyType_FromSpec learns where the instance's vectorcall pointer lives. */
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(CaptureHook, vectorcall), Py_READONLY, NULL},
     {NULL},
 };
 
@@ -183,7 +207,7 @@ static PyType_Slot CaptureHook_slots[] = {
     {Py_tp_dealloc, CaptureHook_dealloc},
     {Py_tp_traverse, CaptureHook_traverse},
     {Py_tp_clear, CaptureHook_clear},
-    {Py_tp_call, CaptureHook_call},
+    {Py_tp_call, PyVectorcall_Call},
     {Py_tp_members, CaptureHook_members},
     {Py_tp_doc, (void *)CaptureHook_doc},
     {0, NULL},
@@ -192,6 +216,7 @@ static PyType_Slot CaptureHook_slots[] = {
 PyType_Spec capture_hook_spec = {
     .name = "rotalabs_steer._core.CaptureHook",
     .basicsize = sizeof(CaptureHook),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_HAVE_VECTORCALL,
     .slots = CaptureHook_slots,
 };

@@ -62,8 +62,14 @@ typedef struct {
     PyTypeObject *accumulator_type;
     PyTypeObject *capture_hook_type;
     PyObject *stop_forward; /* exception class raised to end a forward early */
+    /* Made once at import so the per-batch DLPack path builds no strings, tuples or dicts. */
+    PyObject *str_dlpack;          /* "__dlpack__" (interned) */
+    PyObject *str_dlpack_device;   /* "__dlpack_device__" (interned) */
+    PyObject *kwnames_max_version; /* ("max_version",): kwnames for the vectorcall */
+    PyObject *max_version;         /* (RS_DLPACK_MAJOR, RS_DLPACK_MINOR) */
 } CoreState;
 
+/* State of the module that defined `type`; NULL with an error set if there is none. */
 CoreState *core_state_from_type(PyTypeObject *type);
 
 /* ------------------------------------------------------------- tensor view */
@@ -100,7 +106,7 @@ typedef struct {
 
 /* Fills `view` from an object with __dlpack__ (or a DLPack capsule). Returns 0, or -1
  * with an exception set and nothing left to release. `what` names the argument in errors. */
-int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view);
+int tensor_view_acquire(CoreState *state, PyObject *obj, const char *what, TensorView *view);
 /* Calls the producer's deleter exactly once; safe on a zeroed view. GIL held. */
 void tensor_view_release(TensorView *view);
 int tensor_view_is_float(const TensorView *view);
@@ -124,8 +130,8 @@ typedef struct {
 } RowPlan;
 
 /* Builds a plan from Python objects (index and mask may be Py_None / NULL). */
-int row_plan_build(RowPlan *plan, PyObject *groups, PyObject *index, PyObject *mask,
-                   int64_t num_groups);
+int row_plan_build(CoreState *state, RowPlan *plan, PyObject *groups, PyObject *index,
+                   PyObject *mask, int64_t num_groups);
 void row_plan_free(RowPlan *plan);
 /* Checks an activation view against a plan: shapes, index range, hidden size. */
 int row_plan_check(const RowPlan *plan, const TensorView *act, int64_t hidden);

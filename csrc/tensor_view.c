@@ -147,12 +147,14 @@ static void drop_keeping_error(PyObject *obj)
 
 /* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
  * predates the keyword (TypeError only). Returns a new reference or NULL. */
-static PyObject *request_capsule(PyObject *obj, const char *what)
+static PyObject *request_capsule(CoreState *state, PyObject *obj, const char *what)
 {
     if (PyCapsule_CheckExact(obj))
         return Py_NewRef(obj);
 
-    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    /* Looked up apart from the call so that a missing method gets our TypeError while an
+     * AttributeError raised inside __dlpack__ propagates as it is. */
+    PyObject *method = PyObject_GetAttr(obj, state->str_dlpack);
     if (method == NULL) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError,
@@ -161,19 +163,14 @@ static PyObject *request_capsule(PyObject *obj, const char *what)
                      what, Py_TYPE(obj)->tp_name);
         return NULL;
     }
-    PyObject *capsule = NULL;
-    PyObject *kwargs = Py_BuildValue("{s:(ii)}", "max_version", RS_DLPACK_MAJOR, RS_DLPACK_MINOR);
-    if (kwargs != NULL) {
-        PyObject *empty = PyTuple_New(0);
-        if (empty != NULL) {
-            capsule = PyObject_Call(method, empty, kwargs);
-            Py_DECREF(empty);
-        }
-        Py_DECREF(kwargs);
-        if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            capsule = PyObject_CallNoArgs(method);
-        }
+    /* No positional arguments and one keyword value; args[0] is the scratch slot that
+     * PY_VECTORCALL_ARGUMENTS_OFFSET lets the callee borrow (e.g. for a bound self). */
+    PyObject *args[2] = {NULL, state->max_version};
+    PyObject *capsule = PyObject_Vectorcall(method, args + 1, PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                            state->kwnames_max_version);
+    if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        capsule = PyObject_CallNoArgs(method);
     }
     Py_DECREF(method);
     if (capsule != NULL && !PyCapsule_CheckExact(capsule)) {
@@ -256,10 +253,10 @@ static int describe(const DLTensor *t, const char *what, TensorView *view)
     return 0;
 }
 
-int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view)
+int tensor_view_acquire(CoreState *state, PyObject *obj, const char *what, TensorView *view)
 {
     memset(view, 0, sizeof(*view));
-    PyObject *capsule = request_capsule(obj, what);
+    PyObject *capsule = request_capsule(state, obj, what);
     if (capsule == NULL)
         return -1;
 
