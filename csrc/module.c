@@ -129,6 +129,16 @@ static void core_free(void *module)
 
 static PyModuleDef_Slot core_slots[] = {
     {Py_mod_exec, core_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* Our own state is per module, but import_array() fills NumPy's C-API table, a
+     * process-wide static that points into the first interpreter's NumPy (which itself
+     * does not support subinterpreters). */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* The Accumulator's busy flag is a plain int guarded by the GIL: not free-threading safe. */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
     {0, NULL},
 };
 
