@@ -182,6 +182,22 @@ static PyObject *request_capsule(CoreState *state, PyObject *obj, const char *wh
     return capsule;
 }
 
+/* Strides of a compact row-major tensor, as DLPack's NULL strides mean; size-0 dims count
+ * as 1. -1 when one does not fit in int64: impossible when numel != 0 (numel bounds them),
+ * but a size-0 tensor may have huge other dims, e.g. (0, 2**62, 2**62). */
+static int fill_row_major_strides(TensorView *view)
+{
+    int64_t running = 1;
+    for (int32_t d = view->ndim - 1; d >= 0; d--) {
+        view->strides[d] = running;
+        int64_t n = view->shape[d] > 1 ? view->shape[d] : 1;
+        if (d > 0 && running > INT64_MAX / n)
+            return -1;
+        running *= n;
+    }
+    return 0;
+}
+
 /* Validates the DLTensor of an owned view and fills in the fields. -1 with error set. */
 static int describe(const DLTensor *t, const char *what, TensorView *view)
 {
@@ -229,10 +245,15 @@ static int describe(const DLTensor *t, const char *what, TensorView *view)
         numel *= n;
     }
     view->numel = numel;
-    int64_t running = 1;
-    for (int32_t d = t->ndim - 1; d >= 0; d--) {
-        view->strides[d] = t->strides != NULL ? t->strides[d] : running;
-        running *= view->shape[d] > 0 ? view->shape[d] : 1;
+    if (t->strides != NULL) {
+        for (int32_t d = 0; d < t->ndim; d++)
+            view->strides[d] = t->strides[d];
+    }
+    else if (fill_row_major_strides(view) < 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "%s: the row-major strides of DLPack shape overflow int64 (NULL strides)",
+                     what);
+        return -1;
     }
     if (numel == 0) {
         view->data = NULL;

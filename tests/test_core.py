@@ -1163,6 +1163,34 @@ def test_null_data_with_size_zero_works():
     np.testing.assert_array_equal(acc.state()[1], 0)
 
 
+def test_size_zero_with_huge_dims_and_null_strides():
+    # NULL strides mean row-major; for (0, 2**62, 2**62) the stride of dim 0 is 2**124.
+    # Computing it was a signed overflow (UBSan); it is refused as unrepresentable.
+    # (The capsules are held in a variable: the fakes' ctypes destructor cannot run while
+    # the error is pending, as it would if the call's temporary argument died first.)
+    empty = np.zeros(0, np.float32)
+    for shape in [(0, 2**62, 2**62), (0, 4, 2**62), (2**40, 0, 2**40, 2**40)]:
+        fake = fk.FakeTensor(empty, shape=shape, null_strides=True, data="null")
+        cap = fake.take_capsule()
+        with pytest.raises(BufferError, match="overflow int64"):
+            _core.dlpack_info(cap)
+        assert fake.deleter_calls == 1
+    acc = _core.Accumulator(1, 4)
+    fake = fk.FakeTensor(empty, shape=(0, 2**62, 2**62), null_strides=True, data="null")
+    cap = fake.take_capsule()
+    with pytest.raises(BufferError, match="overflow int64"):
+        acc.add(0, cap, np.zeros(0, np.int64), index=np.zeros(0, np.int64))
+    assert fake.deleter_calls == 1
+    # strides that fit are still filled in; the outermost one never needs the full product
+    info = _core.dlpack_info(fk.FakeTensor(empty, shape=(2**62, 0, 2**62), null_strides=True,
+                                           data="null").take_capsule())
+    assert info["strides"] == (2**62, 2**62, 1)
+    # explicit strides of a size-0 tensor are taken as given, whatever the dims
+    info = _core.dlpack_info(fk.FakeTensor(empty, shape=(0, 2**62, 2**62), strides=(0, 0, 1),
+                                           data="null").take_capsule())
+    assert info["shape"] == (0, 2**62, 2**62) and info["strides"] == (0, 0, 1)
+
+
 def test_errors_leave_the_accumulator_usable():
     acc = _core.Accumulator(1, 3)
     for bad in (lambda: acc.add(0, np.ones((2, 4)), np.array([0, 1])),
