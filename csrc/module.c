@@ -86,10 +86,16 @@ static int core_exec(PyObject *module)
         (PyTypeObject *)PyType_FromModuleAndSpec(module, &capture_hook_spec, NULL);
     if (state->capture_hook_type == NULL || PyModule_AddType(module, state->capture_hook_type) < 0)
         return -1;
+    /* A BaseException, like GeneratorExit and KeyboardInterrupt: it is a control-flow
+     * signal, not an error, and must pass through user code (a wrapper or hook) that
+     * handles failures with `except Exception:` up to the caller that expects it. */
     state->stop_forward = PyErr_NewExceptionWithDoc(
         "rotalabs_steer._core.StopForward",
-        "Raised by the deepest CaptureHook to end a forward pass early; caught by the caller.",
-        NULL, NULL);
+        "Raised by the deepest CaptureHook to end a forward pass early; caught by the caller.\n\n"
+        "It derives from BaseException, not Exception: it is a control-flow signal, so an\n"
+        "`except Exception:` in a module or hook between the hook and the caller does not\n"
+        "swallow it (which would run the rest of the model).",
+        PyExc_BaseException, NULL);
     if (state->stop_forward == NULL ||
         PyModule_AddObjectRef(module, "StopForward", state->stop_forward) < 0)
         return -1;

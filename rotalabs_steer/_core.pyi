@@ -10,8 +10,13 @@ class _DLPackable(Protocol):
 
 Tensor = _DLPackable | Any  # torch.Tensor, numpy.ndarray or a DLPack capsule
 
-class StopForward(Exception):
-    """Raised by the deepest CaptureHook to end a forward pass early."""
+class StopForward(BaseException):
+    """Raised by the deepest CaptureHook to end a forward pass early.
+
+    A BaseException (like GeneratorExit): a control-flow signal, not an error, so an
+    ``except Exception:`` in a module or hook between the hook and the caller does not
+    swallow it. Catch it by name.
+    """
 
 class Accumulator:
     """Float64 sums and row counts per (slot, group)."""

@@ -675,7 +675,9 @@ def test_capture_hook_tuple_output_and_forms(rng):
 
 
 def test_capture_hook_stop_raises_after_the_add(rng):
-    assert issubclass(_core.StopForward, Exception)
+    # a control-flow signal: `except Exception` in user code must not catch it
+    assert issubclass(_core.StopForward, BaseException)
+    assert not issubclass(_core.StopForward, Exception)
     acts = torch.from_numpy(rng.standard_normal((2, 3, 4)).astype(np.float32))
     acc = _core.Accumulator(2, 4)
     acc.set_batch(torch.tensor([1, 0]), index=torch.tensor([2, 2]))
@@ -723,6 +725,51 @@ def test_capture_hook_on_torch_modules(rng):
     assert calls == []  # the stop hook ended the forward before block 2
     expected = reference(2, 4, 2, [(0, h0, [0, 1, 1], None, mask), (1, h1, [0, 1, 1], None, mask)])
     assert_state(acc, *expected, exact=False)
+
+
+def test_stop_forward_passes_through_except_exception(rng):
+    # user code between the hook and the caller that handles errors with `except Exception`
+    # (a wrapper module, a forward hook) must not end the early stop
+    class Guarded(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.swallowed = 0
+
+        def forward(self, x):
+            try:
+                return self.inner(x)
+            except Exception:
+                self.swallowed += 1
+                return x
+
+    torch.manual_seed(0)
+    block, after = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    guarded = Guarded(block)
+    model = torch.nn.Sequential(guarded, after)
+    ran_after = []
+    after.register_forward_hook(lambda *a: ran_after.append(1))
+    acc = _core.Accumulator(1, 4)
+    acc.set_batch(torch.tensor([0, 1]))
+    block.register_forward_hook(_core.CaptureHook(acc, 0, stop=True))
+
+    x = torch.from_numpy(rng.standard_normal((2, 4)).astype(np.float32))
+    with torch.inference_mode(), pytest.raises(_core.StopForward):
+        model(x)
+    assert guarded.swallowed == 0 and ran_after == []
+    np.testing.assert_array_equal(acc.state()[1], [[1, 1]])
+
+    # a hook that calls another hook inside `except Exception` does not swallow it either
+    stop = _core.CaptureHook(acc, 0, stop=True)
+
+    def wrapping_hook(module, args, output):
+        try:
+            stop(module, args, output)
+        except Exception:
+            pytest.fail("StopForward caught by except Exception")
+
+    with pytest.raises(_core.StopForward):
+        wrapping_hook(block, (x,), x)
 
 
 class FakeDeviceTensor:
