@@ -14,20 +14,22 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <stddef.h>
 #include <string.h>
 
 typedef struct {
     PyObject_HEAD
-    int64_t num_slots;
-    int64_t num_groups;
-    int64_t hidden;
+    /* Py_ssize_t (not int64_t) so that PyMemberDef can expose them as Py_T_PYSSIZET. */
+    Py_ssize_t num_slots;
+    Py_ssize_t num_groups;
+    Py_ssize_t hidden;
     double *sums;     /* [num_slots][num_groups][hidden] */
     int64_t *counts;  /* [num_slots][num_groups] */
     double *scratch;  /* [hidden], one selected row */
     RowPlan batch;    /* set by set_batch; batch.groups == NULL when unset */
     int busy;
     /* Reservoir sample of selected rows per slot (sample_rows == 0: none). */
-    int64_t sample_rows;
+    Py_ssize_t sample_rows;
     double *samples;        /* [num_slots][sample_rows][hidden] */
     int64_t *sample_groups; /* [num_slots][sample_rows] */
     int64_t *sample_seen;   /* [num_slots] */
@@ -50,7 +52,15 @@ static int64_t state_size(const Accumulator *self)
     return self->num_slots * self->num_groups * self->hidden;
 }
 
-static int enter(Accumulator *self)
+static CoreState *get_state(Accumulator *self)
+{
+    return core_state_from_type(Py_TYPE(self));
+}
+
+/* The busy flag: every method that reads or writes the state takes it first and gives
+ * it back on its single exit, so a second thread (or a re-entrant callback) is refused
+ * instead of racing the reduction that runs without the GIL. GIL held for both. */
+static int acquire(Accumulator *self)
 {
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -60,6 +70,11 @@ static int enter(Accumulator *self)
     }
     self->busy = 1;
     return 0;
+}
+
+static void release(Accumulator *self)
+{
+    self->busy = 0;
 }
 
 /* ------------------------------------------------------------ construction */
@@ -109,8 +124,9 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
     return (PyObject *)self;
 }
 
-static void Accumulator_dealloc(Accumulator *self)
+static void Accumulator_dealloc(PyObject *op)
 {
+    Accumulator *self = (Accumulator *)op;
     PyTypeObject *type = Py_TYPE(self);
     PyMem_RawFree(self->sums);
     PyMem_RawFree(self->counts);
@@ -119,14 +135,15 @@ static void Accumulator_dealloc(Accumulator *self)
     PyMem_RawFree(self->sample_groups);
     PyMem_RawFree(self->sample_seen);
     row_plan_free(&self->batch);
-    type->tp_free((PyObject *)self);
+    type->tp_free(op);
     Py_DECREF(type);
 }
 
 /* --------------------------------------------------------------- reduction */
 
-static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan,
-                         PyObject *activations)
+/* Called with the busy flag held. */
+static int add_with_plan(CoreState *state, Accumulator *self, Py_ssize_t slot,
+                         const RowPlan *plan, PyObject *activations)
 {
     if (slot < 0 || slot >= self->num_slots) {
         PyErr_Format(PyExc_IndexError, "slot %zd is out of range for %lld slots", slot,
@@ -134,7 +151,7 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
         return -1;
     }
     TensorView act;
-    if (tensor_view_acquire(activations, "activations", &act) < 0)
+    if (tensor_view_acquire(state, activations, "activations", &act) < 0)
         return -1;
     if (row_plan_check(plan, &act, self->hidden) < 0) {
         tensor_view_release(&act);
@@ -158,18 +175,21 @@ static int add_with_plan(Accumulator *self, Py_ssize_t slot, const RowPlan *plan
     return 0;
 }
 
-int accumulator_add_batch(PyObject *obj, Py_ssize_t slot, PyObject *activations)
+int accumulator_add_batch(PyObject *op, Py_ssize_t slot, PyObject *activations)
 {
-    Accumulator *self = (Accumulator *)obj;
+    Accumulator *self = (Accumulator *)op;
+    CoreState *state = get_state(self);
+    if (state == NULL)
+        return -1;
     if (self->batch.groups == NULL) {
         PyErr_SetString(PyExc_RuntimeError,
                         "Accumulator has no batch: call set_batch() before the forward");
         return -1;
     }
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return -1;
-    int status = add_with_plan(self, slot, &self->batch, activations);
-    self->busy = 0;
+    int status = add_with_plan(state, self, slot, &self->batch, activations);
+    release(self);
     return status;
 }
 
@@ -181,59 +201,64 @@ PyDoc_STRVAR(add_doc,
 "mask:   int/bool [batch, seq], the tokens averaged for each row.\n"
 "Without index or mask, activations are [batch, hidden] rows.");
 
-static PyObject *Accumulator_add(Accumulator *self, PyObject *args, PyObject *kwargs)
+static PyObject *Accumulator_add(PyObject *op, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"slot", "activations", "groups", "index", "mask", NULL};
+    Accumulator *self = (Accumulator *)op;
     Py_ssize_t slot;
     PyObject *activations, *groups, *index = Py_None, *mask = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOO|$OO:add", keywords, &slot, &activations,
                                      &groups, &index, &mask))
         return NULL;
-    if (enter(self) < 0)
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     RowPlan plan;
-    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
-    if (status == 0) {
-        status = add_with_plan(self, slot, &plan, activations);
-        row_plan_free(&plan);
-    }
-    self->busy = 0;
-    if (status < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    if (row_plan_build(state, &plan, groups, index, mask, self->num_groups) < 0)
+        goto finally;
+    if (add_with_plan(state, self, slot, &plan, activations) == 0)
+        result = Py_NewRef(Py_None);
+    row_plan_free(&plan);
+finally:
+    release(self);
+    return result;
 }
 
 PyDoc_STRVAR(set_batch_doc,
 "set_batch($self, /, groups, *, index=None, mask=None)\n--\n\n"
 "Set the row plan that add_batch() and CaptureHook use for the next forward.");
 
-static PyObject *Accumulator_set_batch(Accumulator *self, PyObject *args, PyObject *kwargs)
+static PyObject *Accumulator_set_batch(PyObject *op, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"groups", "index", "mask", NULL};
+    Accumulator *self = (Accumulator *)op;
     PyObject *groups, *index = Py_None, *mask = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_batch", keywords, &groups, &index,
                                      &mask))
         return NULL;
-    if (enter(self) < 0)
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     RowPlan plan;
-    int status = row_plan_build(&plan, groups, index, mask, self->num_groups);
-    if (status == 0) {
-        row_plan_free(&self->batch);
-        self->batch = plan;
-    }
-    self->busy = 0;
-    if (status < 0)
-        return NULL;
-    Py_RETURN_NONE;
+    if (row_plan_build(state, &plan, groups, index, mask, self->num_groups) < 0)
+        goto finally;
+    row_plan_free(&self->batch);
+    self->batch = plan;
+    result = Py_NewRef(Py_None);
+finally:
+    release(self);
+    return result;
 }
 
-static PyObject *Accumulator_clear_batch(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_clear_batch(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    if (enter(self) < 0)
+    Accumulator *self = (Accumulator *)op;
+    if (acquire(self) < 0)
         return NULL;
     row_plan_free(&self->batch);
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
@@ -241,13 +266,13 @@ PyDoc_STRVAR(add_batch_doc,
 "add_batch($self, slot, activations, /)\n--\n\n"
 "Add `activations` to slot `slot` with the plan given to set_batch().");
 
-static PyObject *Accumulator_add_batch_method(Accumulator *self, PyObject *args)
+static PyObject *Accumulator_add_batch_method(PyObject *self, PyObject *args)
 {
     Py_ssize_t slot;
     PyObject *activations;
     if (!PyArg_ParseTuple(args, "nO:add_batch", &slot, &activations))
         return NULL;
-    if (accumulator_add_batch((PyObject *)self, slot, activations) < 0)
+    if (accumulator_add_batch(self, slot, activations) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -259,25 +284,27 @@ PyDoc_STRVAR(state_doc,
 "Return (sums, counts) as new NumPy arrays: float64 [slots, groups, hidden] and\n"
 "int64 [slots, groups].");
 
-static PyObject *Accumulator_state(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_state(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    if (enter(self) < 0)
+    Accumulator *self = (Accumulator *)op;
+    if (acquire(self) < 0)
         return NULL;
     PyObject *result = NULL;
     npy_intp sum_dims[3] = {self->num_slots, self->num_groups, self->hidden};
     npy_intp count_dims[2] = {self->num_slots, self->num_groups};
     PyObject *sums = PyArray_SimpleNew(3, sum_dims, NPY_FLOAT64);
     PyObject *counts = PyArray_SimpleNew(2, count_dims, NPY_INT64);
-    if (sums != NULL && counts != NULL) {
-        memcpy(PyArray_DATA((PyArrayObject *)sums), self->sums,
-               (size_t)state_size(self) * sizeof(double));
-        memcpy(PyArray_DATA((PyArrayObject *)counts), self->counts,
-               (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
-        result = PyTuple_Pack(2, sums, counts);
-    }
+    if (sums == NULL || counts == NULL)
+        goto finally;
+    memcpy(PyArray_DATA((PyArrayObject *)sums), self->sums,
+           (size_t)state_size(self) * sizeof(double));
+    memcpy(PyArray_DATA((PyArrayObject *)counts), self->counts,
+           (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
+    result = PyTuple_Pack(2, sums, counts);
+finally:
     Py_XDECREF(sums);
     Py_XDECREF(counts);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
@@ -304,20 +331,22 @@ PyDoc_STRVAR(load_state_doc,
 "Replace the state with `sums` (float64 [slots, groups, hidden]) and `counts`\n"
 "(integer [slots, groups]), e.g. after an all-reduce across processes.");
 
-static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
+static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
 {
+    Accumulator *self = (Accumulator *)op;
     PyObject *sums_obj, *counts_obj;
     if (!PyArg_ParseTuple(args, "OO:load_state", &sums_obj, &counts_obj))
+        return NULL;
+    CoreState *state = get_state(self);
+    if (state == NULL || acquire(self) < 0)
         return NULL;
     TensorView sums = {0}, counts = {0};
     PyObject *result = NULL;
     int64_t sum_shape[3] = {self->num_slots, self->num_groups, self->hidden};
     int64_t count_shape[2] = {self->num_slots, self->num_groups};
-    if (enter(self) < 0)
-        return NULL;
-    if (tensor_view_acquire(sums_obj, "sums", &sums) < 0)
+    if (tensor_view_acquire(state, sums_obj, "sums", &sums) < 0)
         goto finally;
-    if (tensor_view_acquire(counts_obj, "counts", &counts) < 0)
+    if (tensor_view_acquire(state, counts_obj, "counts", &counts) < 0)
         goto finally;
     if (sums.dtype != RS_F64) {
         PyErr_Format(PyExc_TypeError, "sums must be float64, not %s", rs_dtype_name(sums.dtype));
@@ -357,7 +386,7 @@ static PyObject *Accumulator_load_state(Accumulator *self, PyObject *args)
 finally:
     tensor_view_release(&sums);
     tensor_view_release(&counts);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
@@ -365,8 +394,9 @@ PyDoc_STRVAR(merge_doc,
 "merge($self, other, /)\n--\n\n"
 "Add the sums and counts of `other` (an Accumulator of the same shape) to this one.");
 
-static PyObject *Accumulator_merge(Accumulator *self, PyObject *other_obj)
+static PyObject *Accumulator_merge(PyObject *op, PyObject *other_obj)
 {
+    Accumulator *self = (Accumulator *)op;
     if (!Py_IS_TYPE(other_obj, Py_TYPE(self))) {
         PyErr_Format(PyExc_TypeError, "other must be an Accumulator, not %.200s",
                      Py_TYPE(other_obj)->tp_name);
@@ -387,16 +417,18 @@ static PyObject *Accumulator_merge(Accumulator *self, PyObject *other_obj)
         PyErr_SetString(PyExc_ValueError, "cannot merge an Accumulator into itself");
         return NULL;
     }
-    if (other->busy || enter(self) < 0) {
-        if (other->busy)
-            PyErr_SetString(PyExc_RuntimeError, "other Accumulator is in use by another thread");
+    /* `other` is only read, with the GIL held: refusing it while busy is enough. */
+    if (other->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "other Accumulator is in use by another thread");
         return NULL;
     }
+    if (acquire(self) < 0)
+        return NULL;
     for (int64_t i = 0; i < state_size(self); i++)
         self->sums[i] += other->sums[i];
     for (int64_t i = 0; i < self->num_slots * self->num_groups; i++)
         self->counts[i] += other->counts[i];
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
@@ -406,8 +438,9 @@ PyDoc_STRVAR(samples_doc,
 "int64 [n], n = min(rows offered, sample_rows). Every selected row has the same chance\n"
 "of being kept; the sample is reproducible for a given seed and row order.");
 
-static PyObject *Accumulator_samples(Accumulator *self, PyObject *arg)
+static PyObject *Accumulator_samples(PyObject *op, PyObject *arg)
 {
+    Accumulator *self = (Accumulator *)op;
     Py_ssize_t slot = PyLong_AsSsize_t(arg);
     if (slot == -1 && PyErr_Occurred())
         return NULL;
@@ -416,92 +449,84 @@ static PyObject *Accumulator_samples(Accumulator *self, PyObject *arg)
                      (long long)self->num_slots);
         return NULL;
     }
-    if (enter(self) < 0)
+    if (acquire(self) < 0)
         return NULL;
+    PyObject *result = NULL;
     int64_t seen = self->sample_seen[slot];
     npy_intp n = seen < self->sample_rows ? seen : self->sample_rows;
     npy_intp row_dims[2] = {n, self->hidden};
     PyObject *rows = PyArray_SimpleNew(2, row_dims, NPY_FLOAT64);
     PyObject *groups = PyArray_SimpleNew(1, &n, NPY_INT64);
-    PyObject *result = NULL;
-    if (rows != NULL && groups != NULL) {
-        memcpy(PyArray_DATA((PyArrayObject *)rows),
-               self->samples + slot * self->sample_rows * self->hidden,
-               (size_t)(n * self->hidden) * sizeof(double));
-        memcpy(PyArray_DATA((PyArrayObject *)groups), self->sample_groups + slot * self->sample_rows,
-               (size_t)n * sizeof(int64_t));
-        result = PyTuple_Pack(2, rows, groups);
-    }
+    if (rows == NULL || groups == NULL)
+        goto finally;
+    memcpy(PyArray_DATA((PyArrayObject *)rows),
+           self->samples + slot * self->sample_rows * self->hidden,
+           (size_t)(n * self->hidden) * sizeof(double));
+    memcpy(PyArray_DATA((PyArrayObject *)groups), self->sample_groups + slot * self->sample_rows,
+           (size_t)n * sizeof(int64_t));
+    result = PyTuple_Pack(2, rows, groups);
+finally:
     Py_XDECREF(rows);
     Py_XDECREF(groups);
-    self->busy = 0;
+    release(self);
     return result;
 }
 
-static PyObject *Accumulator_reset(Accumulator *self, PyObject *Py_UNUSED(ignored))
+static PyObject *Accumulator_reset(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    if (enter(self) < 0)
+    Accumulator *self = (Accumulator *)op;
+    if (acquire(self) < 0)
         return NULL;
     memset(self->sums, 0, (size_t)state_size(self) * sizeof(double));
     memset(self->counts, 0, (size_t)(self->num_slots * self->num_groups) * sizeof(int64_t));
     memset(self->sample_seen, 0, (size_t)self->num_slots * sizeof(int64_t));
     self->rng = self->seed;
-    self->busy = 0;
+    release(self);
     Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------- type */
 
-static PyObject *Accumulator_get_num_slots(Accumulator *self, void *Py_UNUSED(closure))
+static PyObject *Accumulator_get_batch_rows(PyObject *op, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLongLong(self->num_slots);
-}
-
-static PyObject *Accumulator_get_num_groups(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->num_groups);
-}
-
-static PyObject *Accumulator_get_hidden(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->hidden);
-}
-
-static PyObject *Accumulator_get_sample_rows(Accumulator *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->sample_rows);
-}
-
-static PyObject *Accumulator_get_batch_rows(Accumulator *self, void *Py_UNUSED(closure))
-{
+    Accumulator *self = (Accumulator *)op;
     if (self->batch.groups == NULL)
         Py_RETURN_NONE;
     return PyLong_FromLongLong(self->batch.rows);
 }
 
-static PyGetSetDef Accumulator_getset[] = {
-    {"num_slots", (getter)Accumulator_get_num_slots, NULL, "Number of slots (hooked layers).", NULL},
-    {"num_groups", (getter)Accumulator_get_num_groups, NULL, "Number of row groups.", NULL},
-    {"hidden", (getter)Accumulator_get_hidden, NULL, "Width of each row.", NULL},
-    {"sample_rows", (getter)Accumulator_get_sample_rows, NULL,
-     "Capacity of each slot's reservoir sample of rows.", NULL},
-    {"batch_rows", (getter)Accumulator_get_batch_rows, NULL,
-     "Rows in the current batch plan, or None.", NULL},
+static PyMemberDef Accumulator_members[] = {
+    {"num_slots", Py_T_PYSSIZET, offsetof(Accumulator, num_slots), Py_READONLY,
+     "Number of slots (hooked layers)."},
+    {"num_groups", Py_T_PYSSIZET, offsetof(Accumulator, num_groups), Py_READONLY,
+     "Number of row groups."},
+    {"hidden", Py_T_PYSSIZET, offsetof(Accumulator, hidden), Py_READONLY, "Width of each row."},
+    {"sample_rows", Py_T_PYSSIZET, offsetof(Accumulator, sample_rows), Py_READONLY,
+     "Capacity of each slot's reservoir sample of rows."},
     {NULL},
 };
 
+/* batch_rows is None without a plan, so it stays a getter rather than a member. */
+static PyGetSetDef Accumulator_getset[] = {
+    {"batch_rows", Accumulator_get_batch_rows, NULL, "Rows in the current batch plan, or None.",
+     NULL},
+    {NULL},
+};
+
+/* add and set_batch take keywords: PyCFunctionWithKeywords goes through the documented
+ * (PyCFunction)(void (*)(void)) cast, and CPython calls it back with its real type. */
 static PyMethodDef Accumulator_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Accumulator_add, METH_VARARGS | METH_KEYWORDS, add_doc},
     {"set_batch", (PyCFunction)(void (*)(void))Accumulator_set_batch,
      METH_VARARGS | METH_KEYWORDS, set_batch_doc},
-    {"clear_batch", (PyCFunction)Accumulator_clear_batch, METH_NOARGS,
+    {"clear_batch", Accumulator_clear_batch, METH_NOARGS,
      "clear_batch($self, /)\n--\n\nForget the current batch plan."},
-    {"add_batch", (PyCFunction)Accumulator_add_batch_method, METH_VARARGS, add_batch_doc},
-    {"state", (PyCFunction)Accumulator_state, METH_NOARGS, state_doc},
-    {"load_state", (PyCFunction)Accumulator_load_state, METH_VARARGS, load_state_doc},
-    {"merge", (PyCFunction)Accumulator_merge, METH_O, merge_doc},
-    {"samples", (PyCFunction)Accumulator_samples, METH_O, samples_doc},
-    {"reset", (PyCFunction)Accumulator_reset, METH_NOARGS,
+    {"add_batch", Accumulator_add_batch_method, METH_VARARGS, add_batch_doc},
+    {"state", Accumulator_state, METH_NOARGS, state_doc},
+    {"load_state", Accumulator_load_state, METH_VARARGS, load_state_doc},
+    {"merge", Accumulator_merge, METH_O, merge_doc},
+    {"samples", Accumulator_samples, METH_O, samples_doc},
+    {"reset", Accumulator_reset, METH_NOARGS,
      "reset($self, /)\n--\n\nSet every sum and count to zero and empty the samples."},
     {NULL},
 };
@@ -515,6 +540,7 @@ static PyType_Slot Accumulator_slots[] = {
     {Py_tp_new, Accumulator_new},
     {Py_tp_dealloc, Accumulator_dealloc},
     {Py_tp_methods, Accumulator_methods},
+    {Py_tp_members, Accumulator_members},
     {Py_tp_getset, Accumulator_getset},
     {Py_tp_doc, (void *)Accumulator_doc},
     {0, NULL},

@@ -9,14 +9,20 @@
  */
 #include "core.h"
 
+#include <stddef.h>
+
 typedef struct {
     PyObject_HEAD
     PyObject *accumulator;
     Py_ssize_t slot;
-    int stop;
+    char stop; /* a char, the C type behind Py_T_BOOL */
     PyObject *device_rows; /* callable(slot, tensor) or None */
     Py_ssize_t calls;
+    vectorcallfunc vectorcall; /* torch calls hooks positionally: no args tuple per call */
 } CaptureHook;
+
+static PyObject *CaptureHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames);
 
 static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -44,42 +50,47 @@ static PyObject *CaptureHook_new(PyTypeObject *type, PyObject *args, PyObject *k
         return NULL;
     self->accumulator = Py_NewRef(accumulator);
     self->slot = slot;
-    self->stop = stop;
+    self->stop = (char)stop;
     self->device_rows = Py_NewRef(device_rows);
+    self->vectorcall = CaptureHook_vectorcall;
     return (PyObject *)self;
 }
 
-static int CaptureHook_traverse(CaptureHook *self, visitproc visit, void *arg)
+static int CaptureHook_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    CaptureHook *self = (CaptureHook *)op;
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->accumulator);
     Py_VISIT(self->device_rows);
     return 0;
 }
 
-static int CaptureHook_clear(CaptureHook *self)
+static int CaptureHook_clear(PyObject *op)
 {
+    CaptureHook *self = (CaptureHook *)op;
     Py_CLEAR(self->accumulator);
     Py_CLEAR(self->device_rows);
     return 0;
 }
 
-static void CaptureHook_dealloc(CaptureHook *self)
+static void CaptureHook_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    CaptureHook_clear(self);
-    type->tp_free((PyObject *)self);
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    CaptureHook_clear(op);
+    type->tp_free(op);
     Py_DECREF(type);
 }
 
 /* 1 when the CPU can read `tensor` directly (or the DLPack reader should judge it: a bare
  * capsule, or an object without __dlpack_device__), 0 when not, -1 on error. */
-static int host_readable(PyObject *tensor)
+static int host_readable(CoreState *state, PyObject *tensor)
 {
     if (PyCapsule_CheckExact(tensor))
         return 1;
-    PyObject *method = PyObject_GetAttrString(tensor, "__dlpack_device__");
+    /* Not PyObject_VectorcallMethod: a missing method means "let the reader judge", while
+     * an AttributeError raised inside __dlpack_device__ must propagate. */
+    PyObject *method = PyObject_GetAttr(tensor, state->str_dlpack_device);
     if (method == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return -1;
@@ -103,14 +114,32 @@ static int host_readable(PyObject *tensor)
     return device_type == kDLCPU || device_type == kDLCUDAHost || device_type == kDLCUDAManaged;
 }
 
-/* hook(module, args, output) or hook(module, args, kwargs, output): output is last. */
-static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *kwargs)
+/* Hands a tensor the CPU cannot read to device_rows(slot, tensor). */
+static int route_to_device_rows(CaptureHook *self, PyObject *tensor)
 {
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+    PyObject *slot = PyLong_FromSsize_t(self->slot);
+    if (slot == NULL)
+        return -1;
+    PyObject *args[3] = {NULL, slot, tensor}; /* args[0]: scratch for the callee */
+    PyObject *r = PyObject_Vectorcall(self->device_rows, args + 1,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(slot);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* hook(module, args, output) or hook(module, args, kwargs, output): output is last. */
+static PyObject *CaptureHook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                        PyObject *kwnames)
+{
+    CaptureHook *self = (CaptureHook *)op;
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
         PyErr_SetString(PyExc_TypeError, "CaptureHook takes positional arguments only");
         return NULL;
     }
-    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 3 && nargs != 4) {
         PyErr_Format(PyExc_TypeError,
                      "CaptureHook expects (module, args, output) or (module, args, kwargs, "
@@ -118,8 +147,11 @@ static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *k
                      nargs);
         return NULL;
     }
+    CoreState *state = core_state_from_type(Py_TYPE(self));
+    if (state == NULL)
+        return NULL;
     self->calls++;
-    PyObject *output = PyTuple_GET_ITEM(args, nargs - 1);
+    PyObject *output = args[nargs - 1];
     PyObject *activations = output;
     if (PyTuple_Check(output) || PyList_Check(output)) {
         if (PySequence_Fast_GET_SIZE(output) == 0) {
@@ -132,22 +164,17 @@ static PyObject *CaptureHook_call(CaptureHook *self, PyObject *args, PyObject *k
     Py_INCREF(activations);
     PyObject *result = NULL;
     int direct = 1;
-    if (self->device_rows != Py_None && (direct = host_readable(activations)) < 0)
+    if (self->device_rows != Py_None && (direct = host_readable(state, activations)) < 0)
         goto finally;
     if (direct) {
         if (accumulator_add_batch(self->accumulator, self->slot, activations) < 0)
             goto finally;
     }
-    else {
-        PyObject *r = PyObject_CallFunction(self->device_rows, "nO", self->slot, activations);
-        if (r == NULL)
-            goto finally;
-        Py_DECREF(r);
+    else if (route_to_device_rows(self, activations) < 0) {
+        goto finally;
     }
     if (self->stop) {
-        CoreState *state = core_state_from_type(Py_TYPE(self));
-        if (state != NULL)
-            PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
+        PyErr_SetString(state->stop_forward, "forward stopped after the deepest hooked block");
         goto finally;
     }
     result = Py_NewRef(Py_None);
@@ -156,31 +183,17 @@ finally:
     return result;
 }
 
-static PyObject *CaptureHook_get_calls(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->calls);
-}
-
-static PyObject *CaptureHook_get_slot(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->slot);
-}
-
-static PyObject *CaptureHook_get_stop(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->stop);
-}
-
-static PyObject *CaptureHook_get_accumulator(CaptureHook *self, void *Py_UNUSED(closure))
-{
-    return Py_NewRef(self->accumulator);
-}
-
-static PyGetSetDef CaptureHook_getset[] = {
-    {"calls", (getter)CaptureHook_get_calls, NULL, "How many times the hook has run.", NULL},
-    {"slot", (getter)CaptureHook_get_slot, NULL, "The accumulator slot this hook fills.", NULL},
-    {"stop", (getter)CaptureHook_get_stop, NULL, "Whether the hook ends the forward.", NULL},
-    {"accumulator", (getter)CaptureHook_get_accumulator, NULL, "The Accumulator fed.", NULL},
+static PyMemberDef CaptureHook_members[] = {
+    {"calls", Py_T_PYSSIZET, offsetof(CaptureHook, calls), Py_READONLY,
+     "How many times the hook has run."},
+    {"slot", Py_T_PYSSIZET, offsetof(CaptureHook, slot), Py_READONLY,
+     "The accumulator slot this hook fills."},
+    {"stop", Py_T_BOOL, offsetof(CaptureHook, stop), Py_READONLY,
+     "Whether the hook ends the forward."},
+    {"accumulator", Py_T_OBJECT_EX, offsetof(CaptureHook, accumulator), Py_READONLY,
+     "The Accumulator fed."},
+    /* How PyType_FromSpec learns where the instance's vectorcall pointer lives. */
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(CaptureHook, vectorcall), Py_READONLY, NULL},
     {NULL},
 };
 
@@ -194,8 +207,8 @@ static PyType_Slot CaptureHook_slots[] = {
     {Py_tp_dealloc, CaptureHook_dealloc},
     {Py_tp_traverse, CaptureHook_traverse},
     {Py_tp_clear, CaptureHook_clear},
-    {Py_tp_call, CaptureHook_call},
-    {Py_tp_getset, CaptureHook_getset},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_members, CaptureHook_members},
     {Py_tp_doc, (void *)CaptureHook_doc},
     {0, NULL},
 };
@@ -203,6 +216,7 @@ static PyType_Slot CaptureHook_slots[] = {
 PyType_Spec capture_hook_spec = {
     .name = "rotalabs_steer._core.CaptureHook",
     .basicsize = sizeof(CaptureHook),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_HAVE_VECTORCALL,
     .slots = CaptureHook_slots,
 };

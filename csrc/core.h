@@ -17,14 +17,59 @@
 
 #include "dlpack.h"
 
+/* ------------------------------------------------------------------ compat */
+
+/* PyMemberDef type codes got public Py_-prefixed names in 3.12; 3.11 has only the
+ * structmember.h spellings. */
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_T_BOOL T_BOOL
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
+
+/* PyErr_Fetch/PyErr_Restore are deprecated since 3.12; on 3.11 the single-object API
+ * is built from them so that every call site uses the modern form. */
+#if PY_VERSION_HEX < 0x030C0000
+static inline PyObject *PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_DECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+static inline void PyErr_SetRaisedException(PyObject *exc)
+{
+    if (exc == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyErr_Restore(Py_NewRef(Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+}
+#endif
+
 /* ------------------------------------------------------------------ module */
 
 typedef struct {
     PyTypeObject *accumulator_type;
     PyTypeObject *capture_hook_type;
     PyObject *stop_forward; /* exception class raised to end a forward early */
+    /* Made once at import so the per-batch DLPack path builds no strings, tuples or dicts. */
+    PyObject *str_dlpack;          /* "__dlpack__" (interned) */
+    PyObject *str_dlpack_device;   /* "__dlpack_device__" (interned) */
+    PyObject *kwnames_max_version; /* ("max_version",): kwnames for the vectorcall */
+    PyObject *max_version;         /* (RS_DLPACK_MAJOR, RS_DLPACK_MINOR) */
 } CoreState;
 
+/* State of the module that defined `type`; NULL with an error set if there is none. */
 CoreState *core_state_from_type(PyTypeObject *type);
 
 /* ------------------------------------------------------------- tensor view */
@@ -61,7 +106,7 @@ typedef struct {
 
 /* Fills `view` from an object with __dlpack__ (or a DLPack capsule). Returns 0, or -1
  * with an exception set and nothing left to release. `what` names the argument in errors. */
-int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view);
+int tensor_view_acquire(CoreState *state, PyObject *obj, const char *what, TensorView *view);
 /* Calls the producer's deleter exactly once; safe on a zeroed view. GIL held. */
 void tensor_view_release(TensorView *view);
 int tensor_view_is_float(const TensorView *view);
@@ -85,8 +130,8 @@ typedef struct {
 } RowPlan;
 
 /* Builds a plan from Python objects (index and mask may be Py_None / NULL). */
-int row_plan_build(RowPlan *plan, PyObject *groups, PyObject *index, PyObject *mask,
-                   int64_t num_groups);
+int row_plan_build(CoreState *state, RowPlan *plan, PyObject *groups, PyObject *index,
+                   PyObject *mask, int64_t num_groups);
 void row_plan_free(RowPlan *plan);
 /* Checks an activation view against a plan: shapes, index range, hidden size. */
 int row_plan_check(const RowPlan *plan, const TensorView *act, int64_t hidden);

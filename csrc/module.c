@@ -27,10 +27,10 @@ PyDoc_STRVAR(dlpack_info_doc,
 "(in elements), device_type and versioned. The producer's\n"
 "deleter has run by the time this returns.");
 
-static PyObject *dlpack_info(PyObject *Py_UNUSED(module), PyObject *tensor)
+static PyObject *dlpack_info(PyObject *module, PyObject *tensor)
 {
     TensorView view;
-    if (tensor_view_acquire(tensor, "tensor", &view) < 0)
+    if (tensor_view_acquire(get_state(module), tensor, "tensor", &view) < 0)
         return NULL;
     PyObject *shape = PyTuple_New(view.ndim);
     PyObject *strides = PyTuple_New(view.ndim);
@@ -68,6 +68,16 @@ static int core_exec(PyObject *module)
     CoreState *state = get_state(module);
     if (accumulator_numpy_import() < 0)
         return -1;
+    state->str_dlpack = PyUnicode_InternFromString("__dlpack__");
+    state->str_dlpack_device = PyUnicode_InternFromString("__dlpack_device__");
+    PyObject *max_version_name = PyUnicode_InternFromString("max_version");
+    state->kwnames_max_version =
+        max_version_name != NULL ? PyTuple_Pack(1, max_version_name) : NULL;
+    Py_XDECREF(max_version_name);
+    state->max_version = Py_BuildValue("(ii)", RS_DLPACK_MAJOR, RS_DLPACK_MINOR);
+    if (state->str_dlpack == NULL || state->str_dlpack_device == NULL ||
+        state->kwnames_max_version == NULL || state->max_version == NULL)
+        return -1;
     state->accumulator_type =
         (PyTypeObject *)PyType_FromModuleAndSpec(module, &accumulator_spec, NULL);
     if (state->accumulator_type == NULL || PyModule_AddType(module, state->accumulator_type) < 0)
@@ -76,10 +86,16 @@ static int core_exec(PyObject *module)
         (PyTypeObject *)PyType_FromModuleAndSpec(module, &capture_hook_spec, NULL);
     if (state->capture_hook_type == NULL || PyModule_AddType(module, state->capture_hook_type) < 0)
         return -1;
+    /* A BaseException, like GeneratorExit and KeyboardInterrupt: it is a control-flow
+     * signal, not an error, and must pass through user code (a wrapper or hook) that
+     * handles failures with `except Exception:` up to the caller that expects it. */
     state->stop_forward = PyErr_NewExceptionWithDoc(
         "rotalabs_steer._core.StopForward",
-        "Raised by the deepest CaptureHook to end a forward pass early; caught by the caller.",
-        NULL, NULL);
+        "Raised by the deepest CaptureHook to end a forward pass early; caught by the caller.\n\n"
+        "It derives from BaseException, not Exception: it is a control-flow signal, so an\n"
+        "`except Exception:` in a module or hook between the hook and the caller does not\n"
+        "swallow it (which would run the rest of the model).",
+        PyExc_BaseException, NULL);
     if (state->stop_forward == NULL ||
         PyModule_AddObjectRef(module, "StopForward", state->stop_forward) < 0)
         return -1;
@@ -92,6 +108,10 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->accumulator_type);
     Py_VISIT(state->capture_hook_type);
     Py_VISIT(state->stop_forward);
+    Py_VISIT(state->str_dlpack);
+    Py_VISIT(state->str_dlpack_device);
+    Py_VISIT(state->kwnames_max_version);
+    Py_VISIT(state->max_version);
     return 0;
 }
 
@@ -101,6 +121,10 @@ static int core_clear(PyObject *module)
     Py_CLEAR(state->accumulator_type);
     Py_CLEAR(state->capture_hook_type);
     Py_CLEAR(state->stop_forward);
+    Py_CLEAR(state->str_dlpack);
+    Py_CLEAR(state->str_dlpack_device);
+    Py_CLEAR(state->kwnames_max_version);
+    Py_CLEAR(state->max_version);
     return 0;
 }
 
@@ -111,6 +135,16 @@ static void core_free(void *module)
 
 static PyModuleDef_Slot core_slots[] = {
     {Py_mod_exec, core_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* Our own state is per module, but import_array() fills NumPy's C-API table, a
+     * process-wide static that points into the first interpreter's NumPy (which itself
+     * does not support subinterpreters). */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* The Accumulator's busy flag is a plain int guarded by the GIL: not free-threading safe. */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
     {0, NULL},
 };
 

@@ -18,9 +18,10 @@ void row_plan_free(RowPlan *plan)
 }
 
 /* Acquires an integer/bool view with the expected ndim, or fails naming `what`. */
-static int acquire_integer(PyObject *obj, const char *what, int ndim, TensorView *view)
+static int acquire_integer(CoreState *state, PyObject *obj, const char *what, int ndim,
+                           TensorView *view)
 {
-    if (tensor_view_acquire(obj, what, view) < 0)
+    if (tensor_view_acquire(state, obj, what, view) < 0)
         return -1;
     if (tensor_view_is_float(view)) {
         PyErr_Format(PyExc_TypeError, "%s must hold integers or bools, not %s", what,
@@ -46,10 +47,10 @@ static int64_t *alloc_int64(int64_t n)
     return p;
 }
 
-static int read_groups(RowPlan *plan, PyObject *groups, int64_t num_groups)
+static int read_groups(CoreState *state, RowPlan *plan, PyObject *groups, int64_t num_groups)
 {
     TensorView view;
-    if (acquire_integer(groups, "groups", 1, &view) < 0)
+    if (acquire_integer(state, groups, "groups", 1, &view) < 0)
         return -1;
     plan->rows = view.shape[0];
     plan->groups = alloc_int64(plan->rows);
@@ -70,10 +71,10 @@ static int read_groups(RowPlan *plan, PyObject *groups, int64_t num_groups)
     return status;
 }
 
-static int read_index(RowPlan *plan, PyObject *index)
+static int read_index(CoreState *state, RowPlan *plan, PyObject *index)
 {
     TensorView view;
-    if (acquire_integer(index, "index", 1, &view) < 0)
+    if (acquire_integer(state, index, "index", 1, &view) < 0)
         return -1;
     int status = 0;
     if (view.shape[0] != plan->rows) {
@@ -91,10 +92,10 @@ static int read_index(RowPlan *plan, PyObject *index)
     return status;
 }
 
-static int read_mask(RowPlan *plan, PyObject *mask)
+static int read_mask(CoreState *state, RowPlan *plan, PyObject *mask)
 {
     TensorView view;
-    if (acquire_integer(mask, "mask", 2, &view) < 0)
+    if (acquire_integer(state, mask, "mask", 2, &view) < 0)
         return -1;
     int status = 0;
     plan->select = RS_MASK;
@@ -136,8 +137,8 @@ static int read_mask(RowPlan *plan, PyObject *mask)
     return status;
 }
 
-int row_plan_build(RowPlan *plan, PyObject *groups, PyObject *index, PyObject *mask,
-                   int64_t num_groups)
+int row_plan_build(CoreState *state, RowPlan *plan, PyObject *groups, PyObject *index,
+                   PyObject *mask, int64_t num_groups)
 {
     memset(plan, 0, sizeof(*plan));
     if (index == Py_None)
@@ -148,11 +149,11 @@ int row_plan_build(RowPlan *plan, PyObject *groups, PyObject *index, PyObject *m
         PyErr_SetString(PyExc_ValueError, "pass index or mask, not both");
         return -1;
     }
-    if (read_groups(plan, groups, num_groups) < 0)
+    if (read_groups(state, plan, groups, num_groups) < 0)
         goto error;
-    if (index != NULL && read_index(plan, index) < 0)
+    if (index != NULL && read_index(state, plan, index) < 0)
         goto error;
-    if (mask != NULL && read_mask(plan, mask) < 0)
+    if (mask != NULL && read_mask(state, plan, mask) < 0)
         goto error;
     return 0;
 error:

@@ -120,8 +120,7 @@ int tensor_view_is_float(const TensorView *view)
 void tensor_view_release(TensorView *view)
 {
     /* A producer's deleter may run Python code; keep any pending error out of its way. */
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *pending = PyErr_GetRaisedException();
     if (view->versioned != NULL) {
         DLManagedTensorVersioned *managed = view->versioned;
         view->versioned = NULL;
@@ -134,27 +133,28 @@ void tensor_view_release(TensorView *view)
         if (managed->deleter != NULL)
             managed->deleter(managed);
     }
-    PyErr_Restore(type, value, traceback);
+    PyErr_SetRaisedException(pending);
 }
 
 /* Drops a reference while an exception is pending: the object's destructor (a capsule's
  * runs producer code, which may be Python) must neither see nor clobber the error. */
 static void drop_keeping_error(PyObject *obj)
 {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *pending = PyErr_GetRaisedException();
     Py_DECREF(obj);
-    PyErr_Restore(type, value, traceback);
+    PyErr_SetRaisedException(pending);
 }
 
 /* Calls obj.__dlpack__(max_version=(1, minor)), or obj.__dlpack__() when the producer
  * predates the keyword (TypeError only). Returns a new reference or NULL. */
-static PyObject *request_capsule(PyObject *obj, const char *what)
+static PyObject *request_capsule(CoreState *state, PyObject *obj, const char *what)
 {
     if (PyCapsule_CheckExact(obj))
         return Py_NewRef(obj);
 
-    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    /* Looked up apart from the call so that a missing method gets our TypeError while an
+     * AttributeError raised inside __dlpack__ propagates as it is. */
+    PyObject *method = PyObject_GetAttr(obj, state->str_dlpack);
     if (method == NULL) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError,
@@ -163,19 +163,14 @@ static PyObject *request_capsule(PyObject *obj, const char *what)
                      what, Py_TYPE(obj)->tp_name);
         return NULL;
     }
-    PyObject *capsule = NULL;
-    PyObject *kwargs = Py_BuildValue("{s:(ii)}", "max_version", RS_DLPACK_MAJOR, RS_DLPACK_MINOR);
-    if (kwargs != NULL) {
-        PyObject *empty = PyTuple_New(0);
-        if (empty != NULL) {
-            capsule = PyObject_Call(method, empty, kwargs);
-            Py_DECREF(empty);
-        }
-        Py_DECREF(kwargs);
-        if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            capsule = PyObject_CallNoArgs(method);
-        }
+    /* No positional arguments and one keyword value; args[0] is the scratch slot that
+     * PY_VECTORCALL_ARGUMENTS_OFFSET lets the callee borrow (e.g. for a bound self). */
+    PyObject *args[2] = {NULL, state->max_version};
+    PyObject *capsule = PyObject_Vectorcall(method, args + 1, PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                            state->kwnames_max_version);
+    if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        capsule = PyObject_CallNoArgs(method);
     }
     Py_DECREF(method);
     if (capsule != NULL && !PyCapsule_CheckExact(capsule)) {
@@ -185,6 +180,22 @@ static PyObject *request_capsule(PyObject *obj, const char *what)
         capsule = NULL;
     }
     return capsule;
+}
+
+/* Strides of a compact row-major tensor, as DLPack's NULL strides mean; size-0 dims count
+ * as 1. -1 when one does not fit in int64: impossible when numel != 0 (numel bounds them),
+ * but a size-0 tensor may have huge other dims, e.g. (0, 2**62, 2**62). */
+static int fill_row_major_strides(TensorView *view)
+{
+    int64_t running = 1;
+    for (int32_t d = view->ndim - 1; d >= 0; d--) {
+        view->strides[d] = running;
+        int64_t n = view->shape[d] > 1 ? view->shape[d] : 1;
+        if (d > 0 && running > INT64_MAX / n)
+            return -1;
+        running *= n;
+    }
+    return 0;
 }
 
 /* Validates the DLTensor of an owned view and fills in the fields. -1 with error set. */
@@ -234,10 +245,15 @@ static int describe(const DLTensor *t, const char *what, TensorView *view)
         numel *= n;
     }
     view->numel = numel;
-    int64_t running = 1;
-    for (int32_t d = t->ndim - 1; d >= 0; d--) {
-        view->strides[d] = t->strides != NULL ? t->strides[d] : running;
-        running *= view->shape[d] > 0 ? view->shape[d] : 1;
+    if (t->strides != NULL) {
+        for (int32_t d = 0; d < t->ndim; d++)
+            view->strides[d] = t->strides[d];
+    }
+    else if (fill_row_major_strides(view) < 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "%s: the row-major strides of DLPack shape overflow int64 (NULL strides)",
+                     what);
+        return -1;
     }
     if (numel == 0) {
         view->data = NULL;
@@ -258,10 +274,10 @@ static int describe(const DLTensor *t, const char *what, TensorView *view)
     return 0;
 }
 
-int tensor_view_acquire(PyObject *obj, const char *what, TensorView *view)
+int tensor_view_acquire(CoreState *state, PyObject *obj, const char *what, TensorView *view)
 {
     memset(view, 0, sizeof(*view));
-    PyObject *capsule = request_capsule(obj, what);
+    PyObject *capsule = request_capsule(state, obj, what);
     if (capsule == NULL)
         return -1;
 

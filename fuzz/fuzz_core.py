@@ -9,7 +9,7 @@ through numpy.lib.stride_tricks.as_strided), torch tensors (bfloat16, transposed
 as_strided with a storage offset), hand-made DLPack capsules from tests/dlpack_fakes.py
 (versioned and legacy, renamed, unknown major version, NULL deleter/strides/shape/data,
 misaligned data or byte_offset, unreadable devices, unsupported dtypes, over-long ndim,
-negative or overflowing shapes), producers that fail, return non-capsules, answer
+negative or overflowing shapes, size-0 shapes whose NULL strides overflow), producers that fail, return non-capsules, answer
 __dlpack_device__ oddly or re-enter the accumulator, and random group/index/mask arrays.
 
 Oracle, for every operation:
@@ -233,7 +233,7 @@ def make_fake(src, rng, registry: Registry, view: np.ndarray, *, role: str):
             "dtype_complex", "dtype_lanes", "dtype_float8", "dtype_bits", "dtype_uint16", "device_cuda",
             "device_rocm", "device_unknown", "ndim_9", "null_data", "null_shape", "negative_shape",
             "shape_overflow", "misaligned", "version_2", "version_0", "name_used", "name_other",
-            "null_deleter", "null_strides_contiguous",
+            "null_deleter", "null_strides_contiguous", "size0_huge_null_strides",
         ))
         valid = False
         if corruption == "dtype_complex":
@@ -267,6 +267,11 @@ def make_fake(src, rng, registry: Registry, view: np.ndarray, *, role: str):
         elif corruption == "shape_overflow" and len(shape) >= 2:
             kwargs["shape"] = (2**62, 2**62) + shape[2:]
             kwargs["strides"] = (0, 0) + strides[2:]
+        elif corruption == "size0_huge_null_strides":
+            # row-major (NULL) strides of a size-0 tensor whose other dims multiply past int64:
+            # computing them was a signed overflow; now a BufferError
+            kwargs["shape"] = src.pick(((0, 2**62, 2**62), (0, 4, 2**62), (3, 0, 2**40, 2**40)))
+            kwargs["strides"], kwargs["null_strides"] = None, True
         elif corruption == "misaligned" and itemsize > 1:
             kwargs["byte_offset"] = kwargs.get("byte_offset", 0) + src.int(1, itemsize - 1)
             valid = view.size == 0  # the alignment of a size-0 tensor's data is never checked

@@ -1,6 +1,6 @@
 """Type stubs for the C extension rotalabs_steer._core (csrc/)."""
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
@@ -8,11 +8,17 @@ import numpy.typing as npt
 class _DLPackable(Protocol):
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
 
-Tensor = _DLPackable | Any  # torch.Tensor, numpy.ndarray or a DLPack capsule
+_Tensor = _DLPackable | Any  # torch.Tensor, numpy.ndarray or a DLPack capsule
 
-class StopForward(Exception):
-    """Raised by the deepest CaptureHook to end a forward pass early."""
+class StopForward(BaseException):
+    """Raised by the deepest CaptureHook to end a forward pass early.
 
+    A BaseException (like GeneratorExit): a control-flow signal, not an error, so an
+    ``except Exception:`` in a module or hook between the hook and the caller does not
+    swallow it. Catch it by name.
+    """
+
+@final
 class Accumulator:
     """Float64 sums and row counts per (slot, group)."""
 
@@ -32,21 +38,22 @@ class Accumulator:
     def add(
         self,
         slot: int,
-        activations: Tensor,
-        groups: Tensor,
+        activations: _Tensor,
+        groups: _Tensor,
         *,
-        index: Tensor | None = None,
-        mask: Tensor | None = None,
+        index: _Tensor | None = None,
+        mask: _Tensor | None = None,
     ) -> None: ...
-    def set_batch(self, groups: Tensor, *, index: Tensor | None = None, mask: Tensor | None = None) -> None: ...
+    def set_batch(self, groups: _Tensor, *, index: _Tensor | None = None, mask: _Tensor | None = None) -> None: ...
     def clear_batch(self) -> None: ...
-    def add_batch(self, slot: int, activations: Tensor) -> None: ...
+    def add_batch(self, slot: int, activations: _Tensor, /) -> None: ...
     def state(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
-    def load_state(self, sums: Tensor, counts: Tensor) -> None: ...
-    def merge(self, other: Accumulator) -> None: ...
+    def load_state(self, sums: _Tensor, counts: _Tensor, /) -> None: ...
+    def merge(self, other: Accumulator, /) -> None: ...
     def samples(self, slot: int, /) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]: ...
     def reset(self) -> None: ...
 
+@final
 class CaptureHook:
     """Forward hook feeding a block's output to an Accumulator slot."""
 
@@ -68,4 +75,4 @@ class CaptureHook:
     @property
     def accumulator(self) -> Accumulator: ...
 
-def dlpack_info(tensor: Tensor, /) -> dict[str, Any]: ...
+def dlpack_info(tensor: _Tensor, /) -> dict[str, Any]: ...

@@ -675,7 +675,9 @@ def test_capture_hook_tuple_output_and_forms(rng):
 
 
 def test_capture_hook_stop_raises_after_the_add(rng):
-    assert issubclass(_core.StopForward, Exception)
+    # a control-flow signal: `except Exception` in user code must not catch it
+    assert issubclass(_core.StopForward, BaseException)
+    assert not issubclass(_core.StopForward, Exception)
     acts = torch.from_numpy(rng.standard_normal((2, 3, 4)).astype(np.float32))
     acc = _core.Accumulator(2, 4)
     acc.set_batch(torch.tensor([1, 0]), index=torch.tensor([2, 2]))
@@ -723,6 +725,51 @@ def test_capture_hook_on_torch_modules(rng):
     assert calls == []  # the stop hook ended the forward before block 2
     expected = reference(2, 4, 2, [(0, h0, [0, 1, 1], None, mask), (1, h1, [0, 1, 1], None, mask)])
     assert_state(acc, *expected, exact=False)
+
+
+def test_stop_forward_passes_through_except_exception(rng):
+    # user code between the hook and the caller that handles errors with `except Exception`
+    # (a wrapper module, a forward hook) must not end the early stop
+    class Guarded(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.swallowed = 0
+
+        def forward(self, x):
+            try:
+                return self.inner(x)
+            except Exception:
+                self.swallowed += 1
+                return x
+
+    torch.manual_seed(0)
+    block, after = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    guarded = Guarded(block)
+    model = torch.nn.Sequential(guarded, after)
+    ran_after = []
+    after.register_forward_hook(lambda *a: ran_after.append(1))
+    acc = _core.Accumulator(1, 4)
+    acc.set_batch(torch.tensor([0, 1]))
+    block.register_forward_hook(_core.CaptureHook(acc, 0, stop=True))
+
+    x = torch.from_numpy(rng.standard_normal((2, 4)).astype(np.float32))
+    with torch.inference_mode(), pytest.raises(_core.StopForward):
+        model(x)
+    assert guarded.swallowed == 0 and ran_after == []
+    np.testing.assert_array_equal(acc.state()[1], [[1, 1]])
+
+    # a hook that calls another hook inside `except Exception` does not swallow it either
+    stop = _core.CaptureHook(acc, 0, stop=True)
+
+    def wrapping_hook(module, args, output):
+        try:
+            stop(module, args, output)
+        except Exception:
+            pytest.fail("StopForward caught by except Exception")
+
+    with pytest.raises(_core.StopForward):
+        wrapping_hook(block, (x,), x)
 
 
 class FakeDeviceTensor:
@@ -1161,6 +1208,34 @@ def test_null_data_with_size_zero_works():
     groups = fk.FakeTensor(np.zeros(0, np.int64), data="null")
     acc.add(0, np.zeros((0, 3)), groups.take_capsule())
     np.testing.assert_array_equal(acc.state()[1], 0)
+
+
+def test_size_zero_with_huge_dims_and_null_strides():
+    # NULL strides mean row-major; for (0, 2**62, 2**62) the stride of dim 0 is 2**124.
+    # Computing it was a signed overflow (UBSan); it is refused as unrepresentable.
+    # (The capsules are held in a variable: the fakes' ctypes destructor cannot run while
+    # the error is pending, as it would if the call's temporary argument died first.)
+    empty = np.zeros(0, np.float32)
+    for shape in [(0, 2**62, 2**62), (0, 4, 2**62), (2**40, 0, 2**40, 2**40)]:
+        fake = fk.FakeTensor(empty, shape=shape, null_strides=True, data="null")
+        cap = fake.take_capsule()
+        with pytest.raises(BufferError, match="overflow int64"):
+            _core.dlpack_info(cap)
+        assert fake.deleter_calls == 1
+    acc = _core.Accumulator(1, 4)
+    fake = fk.FakeTensor(empty, shape=(0, 2**62, 2**62), null_strides=True, data="null")
+    cap = fake.take_capsule()
+    with pytest.raises(BufferError, match="overflow int64"):
+        acc.add(0, cap, np.zeros(0, np.int64), index=np.zeros(0, np.int64))
+    assert fake.deleter_calls == 1
+    # strides that fit are still filled in; the outermost one never needs the full product
+    info = _core.dlpack_info(fk.FakeTensor(empty, shape=(2**62, 0, 2**62), null_strides=True,
+                                           data="null").take_capsule())
+    assert info["strides"] == (2**62, 2**62, 1)
+    # explicit strides of a size-0 tensor are taken as given, whatever the dims
+    info = _core.dlpack_info(fk.FakeTensor(empty, shape=(0, 2**62, 2**62), strides=(0, 0, 1),
+                                           data="null").take_capsule())
+    assert info["shape"] == (0, 2**62, 2**62) and info["strides"] == (0, 0, 1)
 
 
 def test_errors_leave_the_accumulator_usable():
