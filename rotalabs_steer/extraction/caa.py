@@ -101,8 +101,8 @@ def extract_caa_vectors(
             Every rank gets the same vectors.
         reduce_on: where rows are selected and summed: ``"auto"`` (in C for tensors on the
             host, with torch on the device for an accelerator's, with no host sync between
-            batches), ``"host"`` (the same: an accelerator's tensors cannot be read by the C
-            core), or ``"device"`` (torch on the tensors' own device, host tensors included).
+            batches), ``"host"`` (C only: an accelerator's tensors are an error), or
+            ``"device"`` (torch on the tensors' own device, host tensors included).
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, token_position,
                     show_progress, batch_size, max_length, layer_modules, separation_sample,

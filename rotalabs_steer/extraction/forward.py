@@ -61,7 +61,7 @@ def accumulate_batches(
     """Run every batch through ``model``, adding outputs of ``blocks[slot]`` to ``slot``.
 
     ``reduce_on``: ``"auto"`` reduces host tensors in C and others on their device;
-    ``"host"`` the same (a tensor the CPU cannot read has no other way); ``"device"`` reduces
+    ``"host"`` reduces in C only (a tensor the CPU cannot read is an error); ``"device"`` reduces
     every tensor with torch on its own device, host tensors included. Device sums are merged
     into ``accumulator`` at the end. ``total_rows``: rows in all batches, for choosing the
     device path's separation sample ahead. ``unflatten``: the hooked modules may return
@@ -74,8 +74,9 @@ def accumulate_batches(
                             accumulator.sample_rows)
     if reduce_on == "device":
         hooks = [_DeviceCapture(reducer, slot, slot == deepest) for slot in range(len(blocks))]
-    else:  # C for what the CPU can read; the reducer for an accelerator's (or offloaded blocks run there)
-        hooks = [_core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=reducer)
+    else:  # C for what the CPU can read; "auto" hands an accelerator's tensors to the reducer
+        device_rows = reducer if reduce_on == "auto" else None
+        hooks = [_core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=device_rows)
                  for slot in range(len(blocks))]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
     with exclusive_use(model), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
