@@ -221,3 +221,21 @@ def test_extracted_vectors_carry_what_relative_and_clamp_need(llama):
     assert v.metadata["pos_mean_projection"] - v.metadata["neg_mean_projection"] == pytest.approx(
         float(v.vector.double() @ unit), rel=1e-6)
     ActivationInjector(model, [v], operator="clamp")  # accepted
+
+
+def test_activation_norm_is_the_mean_norm_of_the_selected_rows(llama):
+    from rotalabs_steer.extraction import extract_caa_vector
+    from tiny_models import refusal_pairs
+
+    model, tokenizer = llama
+    pairs = refusal_pairs(6)
+    v = extract_caa_vector(model, tokenizer, pairs, 2, "last", show_progress=False, batch_size=4)
+    norms = []
+    for pair in pairs:
+        for text in (pair["positive"], pair["negative"]):
+            with torch.no_grad():
+                hidden = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[3]
+            norms.append(float(hidden[0, -1].norm()))
+    assert v.metadata["activation_norm_rows"] == 12
+    assert v.metadata["activation_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    ActivationInjector(model, [v], strength=0.3, relative=True)  # accepted

@@ -183,6 +183,11 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
             figures = projection_figures(positive, negative)
             vector.metadata.update({f"separation_{k}": _finite_or_none(v) for k, v in figures.items()},
                                    separation_folds=folds)
+            if len(samples[0]):
+                # The unit of relative steering strengths: mean L2 norm of the selected rows, both
+                # sides, from the uniform sample (every row when they fit in it).
+                vector.metadata["activation_norm"] = float(np.linalg.norm(samples[0], axis=1).mean())
+                vector.metadata["activation_norm_rows"] = int(len(samples[0]))
         vectors.append(vector)
     return SteeringVectorSet(behavior, vectors)
 
