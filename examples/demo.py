@@ -24,8 +24,8 @@ from rotalabs_steer.bundled_model import DEFAULT_MODEL_NAME, load_default  # noq
 from rotalabs_steer.plots import plot_layer_metrics  # noqa: E402
 
 OUT = Path("demo-out")
-# Steering strength as a fraction of the typical activation norm at the layer: past ~0.4 this
-# 135M model loses coherence, below ~0.15 it barely moves.
+# Relative steering strength (x the layer's mean activation norm): past ~0.4 this 135M model
+# loses coherence, below ~0.15 it barely moves.
 RELATIVE_STRENGTH = 0.3
 NEW_TOKENS = 40
 
@@ -69,21 +69,21 @@ def main() -> None:
     print(f"\nsaved the set to {OUT / 'refusal'}/ and the plot to {OUT / 'refusal_layers.png'}")
 
     best = vectors.get_best("separation")
-    k = round(RELATIVE_STRENGTH * best.metadata["pos_mean_norm"] / best.norm, 2)
+    k = RELATIVE_STRENGTH
     held_out = load_evaluation_prompts("refusal")
     prompts = [e.prompt for e in held_out.positive_examples[:2]] + [held_out.negative_examples[0].prompt]
+    strengths = (-k, 0.0, k)
     print(f"\ngreedy generations, vector of layer {best.layer_index} (best held-out separation), "
-          f"strengths -{k:g} / 0 / +{k:g} (k adds {RELATIVE_STRENGTH:g} x the layer's typical activation "
-          "norm); prompts not in the extraction pairs:")
-    results = {}
-    for strength in (-k, 0.0, k):
-        with ActivationInjector(model, [best], strength=strength):
-            results[strength] = generate(model, tokenizer, prompts)
+          f"relative strengths -{k:g} / 0 / +{k:g} (x the layer's mean activation norm, "
+          f"{best.metadata['activation_norm']:.1f}), all in one generate with a strength per row; "
+          "prompts not in the extraction pairs:")
+    rows = [(prompt, strength) for prompt in prompts for strength in strengths]
+    with ActivationInjector(model, [best], strength=[s for _, s in rows], relative=True):
+        outputs = generate(model, tokenizer, [prompt for prompt, _ in rows])
     for i, prompt in enumerate(prompts):
         print(f"\n### {prompt}")
-        for strength in (-k, 0.0, k):
-            print(f"  [{strength:+g}] {results[strength][i][:300]!r}")
-
+        for j, strength in enumerate(strengths):
+            print(f"  [{strength:+g}] {outputs[i * len(strengths) + j][:300]!r}")
 
 if __name__ == "__main__":
     main()
