@@ -40,7 +40,8 @@ class SteeringVector:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Set by extraction, not saved: held-out sampled rows projected onto the unit vector of
     # the folds they were not part of, minus the midpoint, {"positive": [n], "negative": [m]}.
-    held_out_projections: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Keyword-only: the reference's six positional fields stay the constructor's positional ones.
+    held_out_projections: dict[str, Any] | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, torch.Tensor):
@@ -83,9 +84,9 @@ class SteeringVector:
         """Copy multiplied by ``factor``."""
         return self._replace(self.vector * factor, scale_factor=factor)
 
-    def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+    def to(self, device: Any = None, *args: Any, **kwargs: Any) -> SteeringVector:
         """Copy on another device and/or dtype (same arguments as ``torch.Tensor.to``)."""
-        return self._replace(self.vector.to(*args, **kwargs))
+        return self._replace(self.vector.to(*_tensor_to_args(device, args), **kwargs))
 
     def save(self, path: str | Path) -> None:
         """Write ``path.json``, ``path.safetensors`` and ``path.pt`` (any suffix of ``path`` is replaced)."""
@@ -136,6 +137,11 @@ class SteeringVector:
             extraction_method=sidecar.get("extraction_method", "caa"),
             metadata=sidecar.get("metadata", {}),
         )
+
+
+def _tensor_to_args(device: Any, args: tuple) -> tuple:
+    """``to(device, ...)`` named its first argument as the reference does; None means not given."""
+    return args if device is None else (device, *args)
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -266,9 +272,9 @@ class SteeringVectorSet:
         """Model name of the vectors, or None for an empty set."""
         return next(iter(self._vectors.values())).model_name if self._vectors else None
 
-    def to(self, *args: Any, **kwargs: Any) -> SteeringVectorSet:
+    def to(self, device: Any = None, *args: Any, **kwargs: Any) -> SteeringVectorSet:
         """Copy with every vector moved (same arguments as ``torch.Tensor.to``)."""
-        return SteeringVectorSet(self.behavior, [v.to(*args, **kwargs) for v in self])
+        return SteeringVectorSet(self.behavior, [v.to(device, *args, **kwargs) for v in self])
 
     def save(self, dir_path: str | Path) -> None:
         """Write ``layer_{i}.json`` / ``.safetensors`` / ``.pt`` per layer and ``metadata.json``.
