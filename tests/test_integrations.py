@@ -12,21 +12,27 @@ import torch
 
 from rotalabs_steer import ActivationInjector, SteeringVector
 
-langchain_core = pytest.importorskip("langchain_core", reason='needs pip install "rotalabs-steer[langchain]"')
+from rotalabs_steer.integrations import HAS_LANGCHAIN
+from tiny_models import hook_count
 
-from langchain_core.language_models.fake_chat_models import FakeListChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
-from langchain_core.tools import Tool  # noqa: E402
+try:
+    import langchain_core
+except ImportError:
+    langchain_core = None
+else:
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_core.tools import Tool
 
-from rotalabs_steer.integrations import HAS_LANGCHAIN  # noqa: E402
-from rotalabs_steer.integrations.langchain import (  # noqa: E402
-    SteeredAgentExecutor,
-    SteeredChatModel,
-    SteeredLLM,
-    create_steered_agent,
-)
-from rotalabs_steer.integrations.langchain.steered_agent import GAVE_UP  # noqa: E402
-from tiny_models import hook_count  # noqa: E402
+    from rotalabs_steer.integrations.langchain import (
+        SteeredAgentExecutor,
+        SteeredChatModel,
+        SteeredLLM,
+        create_steered_agent,
+    )
+    from rotalabs_steer.integrations.langchain.steered_agent import GAVE_UP
+
+needs_langchain = pytest.mark.skipif(langchain_core is None, reason='needs pip install "rotalabs-steer[langchain]"')
 
 TOKENS = 6
 PROMPT = "The capital of France is"
@@ -34,7 +40,7 @@ LAYER = 10
 
 
 def test_has_langchain():
-    assert HAS_LANGCHAIN is True
+    assert HAS_LANGCHAIN is (langchain_core is not None)
 
 
 def test_without_langchain_the_names_are_none():
@@ -69,6 +75,7 @@ def calculator_tool(calls):
     return Tool(name="Calculator", func=calculate, description="adds numbers like 2+2")
 
 
+@needs_langchain
 def test_agent_calls_a_tool_then_answers():
     calls = []
     scripted = FakeListChatModel(responses=[
@@ -80,6 +87,7 @@ def test_agent_calls_a_tool_then_answers():
     assert "Calculator: adds numbers like 2+2" in agent.system_prompt
 
 
+@needs_langchain
 def test_agent_errors_are_observations_and_steps_are_bounded():
     calls = []
     seen = []
@@ -101,6 +109,7 @@ def test_agent_errors_are_observations_and_steps_are_bounded():
         SteeredAgentExecutor(model, [], max_iterations=0)
 
 
+@needs_langchain
 def test_agent_without_markers_returns_the_reply():
     agent = SteeredAgentExecutor(FakeListChatModel(responses=["Just 4."]), [])
     assert agent.run("What is 2+2?") == "Just 4."
@@ -153,6 +162,7 @@ def manual_reply(model, tokenizer, text, vector=None, strength=0.0, add_special_
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+@needs_langchain
 @pytest.mark.slow
 def test_steered_llm(model_folder, vector_paths):
     llm = wrapper(SteeredLLM, model_folder, vector_paths)
@@ -181,6 +191,7 @@ def test_steered_llm(model_folder, vector_paths):
     assert hook_count(model) == 0
 
 
+@needs_langchain
 @pytest.mark.slow
 def test_steered_chat_model_with_history(model_folder, vector_paths):
     chat = wrapper(SteeredChatModel, model_folder, vector_paths)
@@ -202,6 +213,7 @@ def test_steered_chat_model_with_history(model_folder, vector_paths):
     assert hook_count(model) == 0
 
 
+@needs_langchain
 @pytest.mark.slow
 def test_create_steered_agent_on_the_bundled_model(model_folder, vector_paths):
     agent = create_steered_agent(model_folder, {"humor": {"vector_path": vector_paths["humor"], "strength": 0.5}},
@@ -219,6 +231,7 @@ def test_create_steered_agent_on_the_bundled_model(model_folder, vector_paths):
     assert hook_count(agent.llm._model) == 0
 
 
+@needs_langchain
 def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="torch_dtype must be one of"):
         SteeredLLM(model_name="unused", torch_dtype="float8")
