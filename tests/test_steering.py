@@ -159,11 +159,16 @@ def test_hooks_removed_after_error_inside_context(llama):
     assert hook_count(model) == 0
 
 
-def test_multi_vector_injector(llama):
+def two_behaviours(llama):
+    """The model, prompt ids, vectors "a" and "b" at LAYER, and one set for each."""
     model, tokenizer = llama
-    ids = torch.tensor([prompt_ids(tokenizer)])
     a, b = random_vector(seed=1, behavior="a"), random_vector(seed=2, behavior="b")
     sets = {"a": SteeringVectorSet("a", [a]), "b": SteeringVectorSet("b", [b])}
+    return model, torch.tensor([prompt_ids(tokenizer)]), (a, b), sets
+
+
+def test_multi_vector_injector(llama):
+    model, ids, (a, b), sets = two_behaviours(llama)
     with torch.no_grad():
         with ActivationInjector(model, [SteeringVector("x", LAYER, a.vector * 0.5 + b.vector * 2.0, "tiny")]):
             want = model(input_ids=ids).logits
@@ -182,10 +187,7 @@ def test_multi_vector_injector(llama):
 
 def test_multi_vector_partial_strengths(llama):
     """As in the reference: behaviours a strengths dict leaves out get 0.0; unknown names are kept."""
-    model, tokenizer = llama
-    ids = torch.tensor([prompt_ids(tokenizer)])
-    a, b = random_vector(seed=1, behavior="a"), random_vector(seed=2, behavior="b")
-    sets = {"a": SteeringVectorSet("a", [a]), "b": SteeringVectorSet("b", [b])}
+    model, ids, (a, b), sets = two_behaviours(llama)
     with torch.no_grad():
         with ActivationInjector(model, [a], strength=0.5):
             want = model(input_ids=ids).logits
