@@ -11,13 +11,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path, PurePosixPath
 
+from .bundled_model import _cache_root
+
 DEFAULT_VECTORS_REPO = "rotalabs/steering-vectors"
 _REPO_TYPE = "dataset"
 
 
 def get_cache_dir() -> Path:
-    """``~/.cache/rotalabs_steer``: downloaded vectors go under its ``vectors/`` folder."""
-    return Path.home() / ".cache" / "rotalabs_steer"
+    """The package's cache folder: ``~/.cache/rotalabs_steer`` as in the reference, unless
+    ``ROTALABS_STEER_CACHE`` or ``XDG_CACHE_HOME`` says otherwise (the bundled model's cache
+    lives there too). Downloaded vectors go under its ``vectors/`` folder."""
+    return _cache_root()
 
 
 def clear_cache(vectors_only: bool = True) -> None:

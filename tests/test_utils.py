@@ -23,7 +23,16 @@ from rotalabs_steer.utils import (
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("ROTALABS_STEER_CACHE", raising=False)
     return tmp_path
+
+
+def test_cache_dir_follows_the_environment(home, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    assert get_cache_dir() == home / "xdg" / "rotalabs_steer"
+    monkeypatch.setenv("ROTALABS_STEER_CACHE", str(home / "mine"))
+    assert get_cache_dir() == home / "mine"
 
 
 def saved_set(folder: Path, behavior="refusal") -> SteeringVectorSet:
