@@ -203,8 +203,9 @@ def _read_tensor(base: Path, prefer_safetensors: bool = True) -> torch.Tensor:
     # 1-D, or [1, hidden] as some reference-era scripts saved (load() squeezes it, with a warning)
     if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or not (
             vector.ndim == 1 or (vector.ndim == 2 and vector.shape[0] == 1)):
-        shape = list(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
-        raise ValueError(f"{base}: expected a 1-D (or [1, hidden]) floating-point tensor, got {shape}")
+        found = (f"{str(vector.dtype).removeprefix('torch.')} of shape {list(vector.shape)}"
+                 if isinstance(vector, torch.Tensor) else type(vector).__name__)
+        raise ValueError(f"{base}: expected a 1-D floating-point tensor (or one [1, hidden] row), got {found}")
     if not torch.isfinite(vector).all():
         raise ValueError(f"{base}: the stored vector contains NaN or inf (a corrupted file?)")
     return vector

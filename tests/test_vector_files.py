@@ -83,7 +83,7 @@ def test_two_dimensional_reference_file_loads_squeezed(tmp_path):
 def test_larger_two_dimensional_tensor_is_refused(tmp_path):
     shutil.copy(GOLDEN / "reference_2d.json", tmp_path / "v.json")
     torch.save(torch.zeros(2, 8), tmp_path / "v.pt")
-    with pytest.raises(ValueError, match=r"1-D \(or \[1, hidden\]\).*\[2, 8\]"):
+    with pytest.raises(ValueError, match=r"1-D floating-point tensor \(or one \[1, hidden\] row\), got float32 of shape \[2, 8\]"):
         SteeringVector.load(tmp_path / "v")
 
 
