@@ -89,6 +89,16 @@ class ActivationHook:
     def is_attached(self) -> bool:
         return self._hooks.attached
 
+    @property
+    def _attached(self) -> bool:
+        """The reference's name for ``is_attached`` (its own tests read it)."""
+        return self._hooks.attached
+
+    @property
+    def _handles(self) -> list:
+        """The capturing hooks, one per layer (the reference's attribute; the batch-size pre-hook is not counted)."""
+        return self._hooks.forward_handles
+
     def attach(self) -> ActivationHook:
         self._hooks.attach()
         return self

@@ -40,6 +40,11 @@ class HookSet:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def forward_handles(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Handles of the forward hooks only (pre-hooks are registered first)."""
+        return self._handles[len(self._pre_hooks):]
+
     def attach(self) -> HookSet:
         if self._handles:
             return self

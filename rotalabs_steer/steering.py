@@ -285,6 +285,16 @@ class _InjectorBase:
     def is_attached(self) -> bool:
         return self._hooks is not None and self._hooks.attached
 
+    @property
+    def _attached(self) -> bool:
+        """The reference's name for ``is_attached`` (its own tests read it)."""
+        return self.is_attached
+
+    @property
+    def _handles(self) -> list:
+        """The hooks on decoder blocks (the reference's attribute; our mask-reading pre-hook is not counted)."""
+        return [] if self._hooks is None else self._hooks.forward_handles
+
     def attach(self):
         """Register the hooks (idempotent)."""
         if self.is_attached:
@@ -408,10 +418,11 @@ class MultiVectorInjector(_InjectorBase):
             layer_in_range(default_layer, len(self._blocks), "default_layer")
         self.vector_sets = dict(vector_sets)
         self.default_layer = default_layer
-        self._strengths = {name: 1.0 for name in self.vector_sets}
+        # As in the reference: no (or an empty) strengths dict steers every set at 1.0; a dict
+        # that names some behaviours leaves the others at 0.0, and may name behaviours
+        # without a set (they steer nothing until a set is given).
+        self._strengths = {name: 0.0 if strengths else 1.0 for name in self.vector_sets}
         for name, value in (strengths or {}).items():
-            if name not in self.vector_sets:
-                raise KeyError(f"strengths names {name!r}, which is not in vector_sets")
             self._strengths[name] = _check_strengths(value, f"strengths[{name!r}]")
         self._chosen: dict[str, SteeringVector] = {}
         for name, vector_set in self.vector_sets.items():

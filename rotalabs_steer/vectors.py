@@ -1,17 +1,21 @@
 """SteeringVector and SteeringVectorSet: the extracted directions and their files.
 
-Files: ``NAME.safetensors`` (the tensor) beside ``NAME.json`` (everything else). The
-reference package's layout (``NAME.json`` + ``NAME.pt``) loads too, through
+``save(NAME)`` writes ``NAME.json`` (everything but the tensor) and the tensor twice:
+``NAME.safetensors``, which this package reads, and ``NAME.pt`` (``torch.save`` of the plain
+tensor), the reference package's layout, so rotalabs-steer 1.2.0 loads every file written
+here. Files the reference wrote (``NAME.json`` + ``NAME.pt``) load too, through
 ``torch.load(weights_only=True)``, so no file can run code when it is loaded.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .json_files import read_json_object, write_json
 
 FORMAT_VERSION = 2
+FORMAT_NAME = "rotalabs_steer"  # in sidecars written here; the reference writes no "format" key
 _TENSOR_KEY = "vector"
 
 
@@ -35,7 +40,8 @@ class SteeringVector:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Set by extraction, not saved: held-out sampled rows projected onto the unit vector of
     # the folds they were not part of, minus the midpoint, {"positive": [n], "negative": [m]}.
-    held_out_projections: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Keyword-only: the reference's six positional fields stay the constructor's positional ones.
+    held_out_projections: dict[str, Any] | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, torch.Tensor):
@@ -78,28 +84,32 @@ class SteeringVector:
         """Copy multiplied by ``factor``."""
         return self._replace(self.vector * factor, scale_factor=factor)
 
-    def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+    def to(self, device: Any = None, *args: Any, **kwargs: Any) -> SteeringVector:
         """Copy on another device and/or dtype (same arguments as ``torch.Tensor.to``)."""
-        return self._replace(self.vector.to(*args, **kwargs))
+        return self._replace(self.vector.to(*_tensor_to_args(device, args), **kwargs))
 
     def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` and ``path.json`` (any suffix of ``path`` is replaced)."""
+        """Write ``path.json``, ``path.safetensors`` and ``path.pt`` (any suffix of ``path`` is replaced)."""
         base = _strip_suffix(Path(path))
         base.parent.mkdir(parents=True, exist_ok=True)
-        tensor = self.vector.detach().to("cpu").contiguous()
-        save_file({_TENSOR_KEY: tensor}, str(base.with_suffix(".safetensors")))
+        # clone: torch.save of a view would store the whole underlying storage
+        tensor = self.vector.detach().to("cpu").contiguous().clone()
         sidecar = {
-            "format": "rotalabs_steer",
-            "format_version": FORMAT_VERSION,
             "behavior": self.behavior,
             "layer_index": self.layer_index,
             "model_name": self.model_name,
             "extraction_method": self.extraction_method,
             "metadata": self.metadata,
             "vector_shape": list(tensor.shape),
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
             "vector_dtype": str(tensor.dtype).removeprefix("torch."),
         }
-        write_json(base.with_suffix(".json"), sidecar)
+        # Every file goes in whole or not at all, so a failed save never pairs a new sidecar
+        # with an old tensor; the sidecar goes last.
+        _write_atomically(base.with_suffix(".safetensors"), lambda p: save_file({_TENSOR_KEY: tensor}, str(p)))
+        _write_atomically(base.with_suffix(".pt"), lambda p: torch.save(tensor, p))
+        _write_atomically(base.with_suffix(".json"), lambda p: write_json(p, sidecar))
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
@@ -107,12 +117,18 @@ class SteeringVector:
         base = _strip_suffix(Path(path))
         meta_path = base.with_suffix(".json")
         sidecar = _read_sidecar(meta_path)
-        vector = _read_tensor(base)
+        # A sidecar without our marker was written by the reference, which writes only the .pt:
+        # a .safetensors beside it is from an earlier save of ours and may be stale.
+        vector = _read_tensor(base, prefer_safetensors=sidecar.get("format") == FORMAT_NAME)
         expected = sidecar.get("vector_shape")
         if expected is not None and list(vector.shape) != list(expected):
             raise ValueError(
                 f"{base}: tensor has shape {list(vector.shape)} but {meta_path.name} says {expected}"
             )
+        if vector.ndim == 2 and vector.shape[0] == 1:
+            warnings.warn(f"{base}: the stored vector has shape {list(vector.shape)}; "
+                          "loaded as a 1-D vector of its single row", UserWarning, stacklevel=2)
+            vector = vector[0]
         return cls(
             behavior=sidecar["behavior"],
             layer_index=sidecar["layer_index"],
@@ -121,6 +137,21 @@ class SteeringVector:
             extraction_method=sidecar.get("extraction_method", "caa"),
             metadata=sidecar.get("metadata", {}),
         )
+
+
+def _tensor_to_args(device: Any, args: tuple) -> tuple:
+    """``to(device, ...)`` named its first argument as the reference does; None means not given."""
+    return args if device is None else (device, *args)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary file beside ``path``, then rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _separation_key(vector: SteeringVector) -> tuple[float, float]:
@@ -151,9 +182,9 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any]:
     return sidecar
 
 
-def _read_tensor(base: Path) -> torch.Tensor:
+def _read_tensor(base: Path, prefer_safetensors: bool = True) -> torch.Tensor:
     st_path, pt_path = base.with_suffix(".safetensors"), base.with_suffix(".pt")
-    if st_path.exists():
+    if st_path.exists() and (prefer_safetensors or not pt_path.exists()):
         try:
             tensors = load_file(str(st_path))
         except (SafetensorError, OSError) as e:
@@ -169,11 +200,26 @@ def _read_tensor(base: Path) -> torch.Tensor:
             raise ValueError(f"{pt_path}: not a loadable tensor file ({type(e).__name__}: {e})") from None
     else:
         raise FileNotFoundError(f"no steering-vector tensor at {st_path} or {pt_path}")
-    if not isinstance(vector, torch.Tensor) or vector.ndim != 1 or not vector.is_floating_point():
-        raise ValueError(f"{base}: expected a 1-D floating-point tensor")
+    # 1-D, or [1, hidden] as some reference-era scripts saved (load() squeezes it, with a warning)
+    if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or not (
+            vector.ndim == 1 or (vector.ndim == 2 and vector.shape[0] == 1)):
+        found = (f"{str(vector.dtype).removeprefix('torch.')} of shape {list(vector.shape)}"
+                 if isinstance(vector, torch.Tensor) else type(vector).__name__)
+        raise ValueError(f"{base}: expected a 1-D floating-point tensor (or one [1, hidden] row), got {found}")
     if not torch.isfinite(vector).all():
         raise ValueError(f"{base}: the stored vector contains NaN or inf (a corrupted file?)")
     return vector
+
+
+def _saved_layers(directory: Path) -> list[int]:
+    """The layers an earlier save listed in ``directory/metadata.json`` (none if unreadable)."""
+    try:
+        layers = read_json_object(directory / "metadata.json").get("layers")
+    except (FileNotFoundError, ValueError):
+        return []
+    if not isinstance(layers, list):
+        return []
+    return [i for i in layers if isinstance(i, int) and not isinstance(i, bool)]
 
 
 class SteeringVectorSet:
@@ -227,14 +273,20 @@ class SteeringVectorSet:
         """Model name of the vectors, or None for an empty set."""
         return next(iter(self._vectors.values())).model_name if self._vectors else None
 
-    def to(self, *args: Any, **kwargs: Any) -> SteeringVectorSet:
+    def to(self, device: Any = None, *args: Any, **kwargs: Any) -> SteeringVectorSet:
         """Copy with every vector moved (same arguments as ``torch.Tensor.to``)."""
-        return SteeringVectorSet(self.behavior, [v.to(*args, **kwargs) for v in self])
+        return SteeringVectorSet(self.behavior, [v.to(device, *args, **kwargs) for v in self])
 
     def save(self, dir_path: str | Path) -> None:
-        """Write ``layer_{i}.safetensors`` / ``layer_{i}.json`` per layer and ``metadata.json``."""
+        """Write ``layer_{i}.json`` / ``.safetensors`` / ``.pt`` per layer and ``metadata.json``.
+
+        Saving over an earlier set removes the files of the layers it had and this one lacks.
+        """
         directory = Path(dir_path)
         directory.mkdir(parents=True, exist_ok=True)
+        for layer in sorted(set(_saved_layers(directory)) - set(self.layers)):
+            for suffix in (".json", ".safetensors", ".pt"):
+                (directory / f"layer_{layer}").with_suffix(suffix).unlink(missing_ok=True)
         for layer in self.layers:
             self._vectors[layer].save(directory / f"layer_{layer}")
         meta = {"behavior": self.behavior, "layers": self.layers, "model_name": self.model_name}

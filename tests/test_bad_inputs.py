@@ -614,7 +614,8 @@ def test_missing_files_raise_file_not_found(tmp_path, models):
     with pytest.raises(FileNotFoundError, match="no steering-vector metadata"):
         SteeringVector.load(tmp_path / "nothing")
     vec(1, dim=8).save(tmp_path / "v")
-    (tmp_path / "v.safetensors").unlink()
+    (tmp_path / "v.safetensors").unlink()  # save() writes both tensor files
+    (tmp_path / "v.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"no steering-vector tensor at .*v\.safetensors or .*v\.pt"):
         SteeringVector.load(tmp_path / "v")
     with pytest.raises(FileNotFoundError, match="no metadata.json"):

@@ -159,11 +159,16 @@ def test_hooks_removed_after_error_inside_context(llama):
     assert hook_count(model) == 0
 
 
-def test_multi_vector_injector(llama):
+def two_behaviours(llama):
+    """The model, prompt ids, vectors "a" and "b" at LAYER, and one set for each."""
     model, tokenizer = llama
-    ids = torch.tensor([prompt_ids(tokenizer)])
     a, b = random_vector(seed=1, behavior="a"), random_vector(seed=2, behavior="b")
     sets = {"a": SteeringVectorSet("a", [a]), "b": SteeringVectorSet("b", [b])}
+    return model, torch.tensor([prompt_ids(tokenizer)]), (a, b), sets
+
+
+def test_multi_vector_injector(llama):
+    model, ids, (a, b), sets = two_behaviours(llama)
     with torch.no_grad():
         with ActivationInjector(model, [SteeringVector("x", LAYER, a.vector * 0.5 + b.vector * 2.0, "tiny")]):
             want = model(input_ids=ids).logits
@@ -177,6 +182,45 @@ def test_multi_vector_injector(llama):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError):
         multi.set_strength("nope", 1.0)
+    assert hook_count(model) == 0
+
+
+def test_multi_vector_partial_strengths(llama):
+    """As in the reference: behaviours a strengths dict leaves out get 0.0; unknown names are kept."""
+    model, ids, (a, b), sets = two_behaviours(llama)
+    with torch.no_grad():
+        with ActivationInjector(model, [a], strength=0.5):
+            want = model(input_ids=ids).logits
+        multi = MultiVectorInjector(model, sets, {"a": 0.5, "ghost": 3.0}, default_layer=LAYER)
+        assert (multi.get_strength("a"), multi.get_strength("b"), multi.get_strength("ghost")) == (0.5, 0.0, 3.0)
+        with multi:
+            got = model(input_ids=ids).logits
+        multi.set_strength("b", 1.0)  # left out, but still a behaviour it knows
+        multi.set_strength("ghost", 0.0)
+        assert multi.get_strength("b") == 1.0
+        # an empty dict means "no strengths given": every set at 1.0, as in the reference
+        assert MultiVectorInjector(model, sets, {}).get_strength("b") == 1.0
+    assert torch.equal(got, want)
+    assert hook_count(model) == 0
+
+
+def test_reference_attached_flags(llama):
+    """The reference's test suite reads ``_attached`` and ``len(_handles)`` on all three classes."""
+    from rotalabs_steer import ActivationHook
+    model, _ = llama
+    vector = random_vector()
+    hook = ActivationHook(model, layer_indices=[0, 1])
+    injector = ActivationInjector(model, [vector])
+    multi = MultiVectorInjector(model, {"refusal": SteeringVectorSet("refusal", [vector])})
+    for thing, hooks in ((hook, 2), (injector, 1), (multi, 1)):
+        assert (thing._attached, len(thing._handles)) == (False, 0)
+        thing.attach()
+        assert (thing._attached, thing.is_attached, len(thing._handles)) == (True, True, hooks)
+        thing.detach()
+        assert (thing._attached, len(thing._handles)) == (False, 0)
+        with thing:
+            assert thing._attached
+        assert not thing._attached
     assert hook_count(model) == 0
 
 

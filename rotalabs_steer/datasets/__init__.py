@@ -1,5 +1,7 @@
 """Contrast-pair datasets: the reference's classes, shipped behaviours, and loaders."""
 
+from importlib import import_module
+
 from .base import ContrastPair, ContrastPairDataset, EvaluationDataset, EvaluationExample
 from .builtin import (
     BEHAVIORS,
@@ -22,24 +24,25 @@ from .builtin import (
 )
 from .loaders import load_caa_ab, load_pairs
 
-# The reference's module-level constants, built on first access.
+# The reference's module-level constants, from their <behaviour>_pairs submodules on first
+# access (so ``datasets.HUMOR_PAIRS is datasets.humor_pairs.HUMOR_PAIRS``, as there).
 _CONSTANTS = {
-    "HIERARCHY_PAIRS": "instruction_hierarchy",
-    "TOOL_RESTRAINT_PAIRS": "tool_restraint",
-    "UNCERTAINTY_PAIRS": "uncertainty",
-    "FORMALITY_PAIRS": "formality",
-    "CONCISENESS_PAIRS": "conciseness",
-    "CREATIVITY_PAIRS": "creativity",
-    "ASSERTIVENESS_PAIRS": "assertiveness",
-    "HUMOR_PAIRS": "humor",
-    "EMPATHY_PAIRS": "empathy",
-    "TECHNICAL_DEPTH_PAIRS": "technical_depth",
+    "HIERARCHY_PAIRS": "hierarchy_pairs",
+    "TOOL_RESTRAINT_PAIRS": "tool_pairs",
+    "UNCERTAINTY_PAIRS": "uncertainty_pairs",
+    "FORMALITY_PAIRS": "formality_pairs",
+    "CONCISENESS_PAIRS": "conciseness_pairs",
+    "CREATIVITY_PAIRS": "creativity_pairs",
+    "ASSERTIVENESS_PAIRS": "assertiveness_pairs",
+    "HUMOR_PAIRS": "humor_pairs",
+    "EMPATHY_PAIRS": "empathy_pairs",
+    "TECHNICAL_DEPTH_PAIRS": "technical_depth_pairs",
 }
 
 
 def __getattr__(name: str):
     if name in _CONSTANTS:
-        return pairs_as_dicts(_CONSTANTS[name])
+        return getattr(import_module(f"{__name__}.{_CONSTANTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

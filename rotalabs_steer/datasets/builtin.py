@@ -77,7 +77,7 @@ def pairs_as_dicts(behavior: str) -> list[dict[str, str]]:
     return [{"positive": p.positive, "negative": p.negative} for p in load_behavior_pairs(behavior)]
 
 
-def load_refusal_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_refusal_pairs(*, tokenizer=None) -> ContrastPairDataset:
     """Refusal pairs: a harmful request, declined (positive) or begun (negative)."""
     return load_behavior_pairs("refusal", tokenizer)
 
@@ -85,41 +85,41 @@ def load_refusal_pairs(tokenizer=None) -> ContrastPairDataset:
 get_refusal_pairs = load_refusal_pairs
 
 
-def load_uncertainty_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_uncertainty_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("uncertainty", tokenizer)
 
 
-def load_tool_restraint_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_tool_restraint_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("tool_restraint", tokenizer)
 
 
-def load_hierarchy_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_hierarchy_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("instruction_hierarchy", tokenizer)
 
 
-def load_formality_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_formality_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("formality", tokenizer)
 
 
-def load_conciseness_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_conciseness_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("conciseness", tokenizer)
 
 
-def load_creativity_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_creativity_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("creativity", tokenizer)
 
 
-def load_assertiveness_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_assertiveness_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("assertiveness", tokenizer)
 
 
-def load_humor_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_humor_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("humor", tokenizer)
 
 
-def load_empathy_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_empathy_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("empathy", tokenizer)
 
 
-def load_technical_depth_pairs(tokenizer=None) -> ContrastPairDataset:
+def load_technical_depth_pairs(*, tokenizer=None) -> ContrastPairDataset:
     return load_behavior_pairs("technical_depth", tokenizer)
