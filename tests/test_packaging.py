@@ -29,3 +29,24 @@ def test_version_comes_from_the_installed_metadata():
     from importlib.metadata import version
 
     assert rotalabs_steer.__version__ == version("rotalabs-steer")
+
+
+def test_sdist_carries_what_the_test_suite_needs(tmp_path):
+    """An sdist's tests collect: conftest.py, the helper modules and the C sources are inside."""
+    import tarfile
+
+    root = PACKAGE.parent
+    if not (root / "setup.py").is_file():
+        import pytest
+
+        pytest.skip("not run from a source tree")
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    helpers = {p.name for p in (root / "tests").glob("*.py") if not p.name.startswith("test_")}
+    assert {f"tests/{name}" for name in helpers} <= names
+    assert {"LICENSE", "csrc/core.h", "rotalabs_steer/datasets/data/refusal.jsonl"} <= names
+    assert not any(name.endswith(".so") for name in names)
