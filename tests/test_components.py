@@ -47,7 +47,7 @@ def test_component_names_across_layouts(model):
 
 def test_unknown_component_is_a_clear_error(model):
     with pytest.raises(ValueError, match="component must be one of"):
-        extract_caa_vectors(model, make_tokenizer(), pairs(2), [1], show_progress=False, component="ffn")
+        extract_caa_vectors(model, make_tokenizer(), refusal_pairs(2), [1], show_progress=False, component="ffn")
     with pytest.raises(ValueError, match="component must be one of"):
         ActivationHook(model, [1], component="resid")
     block = torch.nn.Module()
@@ -60,7 +60,7 @@ def test_unknown_component_is_a_clear_error(model):
 @pytest.mark.parametrize("component", ["residual", "mlp", "attn"])
 def test_extract_activations_reads_last_real_token_of_padded_rows(model, component):
     tokenizer = make_tokenizer(padding_side="right")
-    texts = [pairs(3)[0]["positive"], "Short text.", pairs(3)[2]["negative"]]
+    texts = [refusal_pairs(3)[0]["positive"], "Short text.", refusal_pairs(3)[2]["negative"]]
     inputs = tokenizer(texts, return_tensors="pt", padding=True)
     assert not inputs["attention_mask"].all(), "the batch must contain padding"
     got = extract_activations(model, inputs, [0, LAYER], component, "last")
@@ -75,7 +75,7 @@ def test_extract_activations_reads_last_real_token_of_padded_rows(model, compone
 
 def test_extract_activations_first_and_all(model):
     tokenizer = make_tokenizer()
-    inputs = tokenizer([pairs(1)[0]["positive"]], return_tensors="pt")
+    inputs = tokenizer([refusal_pairs(1)[0]["positive"]], return_tensors="pt")
     first = extract_activations(model, inputs, [LAYER], "residual", "first")[LAYER]
     every = extract_activations(model, inputs, [LAYER], "residual", "all")[LAYER]
     assert every.shape[:2] == inputs["input_ids"].shape
@@ -84,7 +84,7 @@ def test_extract_activations_first_and_all(model):
 
 def test_extract_activations_stops_after_the_deepest_module(model):
     tokenizer = make_tokenizer()
-    inputs = tokenizer([pairs(1)[0]["positive"]], return_tensors="pt")
+    inputs = tokenizer([refusal_pairs(1)[0]["positive"]], return_tensors="pt")
     blocks = find_decoder_blocks(model).modules
     ran = []
     handle = blocks[LAYER + 1].register_forward_hook(lambda *a: ran.append(True))
@@ -98,7 +98,7 @@ def test_extract_activations_stops_after_the_deepest_module(model):
 
 def test_activation_hook_is_the_reference_context_manager(model):
     tokenizer = make_tokenizer()
-    inputs = tokenizer([pairs(1)[0]["positive"]], return_tensors="pt")
+    inputs = tokenizer([refusal_pairs(1)[0]["positive"]], return_tensors="pt")
     hook = ActivationHook(model, [0, LAYER], component="attn", token_position="all")
     with hook:
         assert hook.is_attached
@@ -154,14 +154,14 @@ def test_components_of_every_architecture_match_float64_truth(zoo_model):
     name, model = zoo_model
     tokenizer = make_tokenizer(padding_side="left")
     for component in ("mlp", "attn"):
-        want = caa_truth(model, tokenizer, pairs(4), [2], "mean", component=component)[2]
-        got = extract_caa_vector(model, tokenizer, pairs(4), 2, "mean", show_progress=False, batch_size=3,
+        want = caa_truth(model, tokenizer, refusal_pairs(4), [2], "mean", component=component)[2]
+        got = extract_caa_vector(model, tokenizer, refusal_pairs(4), 2, "mean", show_progress=False, batch_size=3,
                                  component=component)
         assert relative_error(got.vector, want) <= TOLERANCE, f"{name} {component}"
         # Right-padded: left padding would shift GPT-2/OPT-style absolute positions in the user's own forward.
-        inputs = make_tokenizer()([p["positive"] for p in pairs(3)], return_tensors="pt", padding=True)
+        inputs = make_tokenizer()([p["positive"] for p in refusal_pairs(3)], return_tensors="pt", padding=True)
         last = extract_activations(model, inputs, [2], component, "last")[2]
-        for i, text in enumerate(p["positive"] for p in pairs(3)):
+        for i, text in enumerate(p["positive"] for p in refusal_pairs(3)):
             truth = block_outputs(model, tokenizer(text)["input_ids"], [2], component)[2][-1]
             torch.testing.assert_close(last[i, 0], truth, rtol=1e-4, atol=1e-5, msg=f"{name} {component}")
     assert hook_count(model) == 0

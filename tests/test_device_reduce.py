@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from rotalabs_steer.extraction import extract_caa_vectors
-from rotalabs_steer.extraction.caa import _extract  # noqa: F401  (the path both modes share)
 from tiny_models import make_model, make_tokenizer, refusal_pairs
 
 LAYERS = [0, 2, 3]

@@ -133,9 +133,9 @@ def test_cuda_bfloat16_matches_cpu_float32(token_position):
     # The tiny BPE tokenizer's ids (< 512) are valid ids of this vocabulary.
     tokenizer = make_tokenizer()
     layers = [4, 8, 12]
-    cpu = extract_caa_vectors(model, tokenizer, pairs(16), layers, token_position, show_progress=False,
+    cpu = extract_caa_vectors(model, tokenizer, refusal_pairs(16), layers, token_position, show_progress=False,
                               batch_size=8)
-    gpu = extract_caa_vectors(model.to("cuda", torch.bfloat16), tokenizer, pairs(16), layers, token_position,
+    gpu = extract_caa_vectors(model.to("cuda", torch.bfloat16), tokenizer, refusal_pairs(16), layers, token_position,
                               show_progress=False, batch_size=8)
     for layer in layers:
         error = float((gpu[layer].vector - cpu[layer].vector).norm()) / cpu[layer].metadata["pos_mean_norm"]

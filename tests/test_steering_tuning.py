@@ -10,7 +10,7 @@ from rotalabs_steer import SteeringVector
 from rotalabs_steer.conditions import SteeringCondition, condition_scores, find_condition_threshold
 from rotalabs_steer.steering import ActivationInjector, MultiVectorInjector
 from rotalabs_steer.vectors import SteeringVectorSet
-from tiny_models import HIDDEN, NUM_LAYERS, hook_count, make_model, make_tokenizer
+from tiny_models import HIDDEN, hook_count, make_model, make_tokenizer
 
 STEPS = 5
 PROMPTS = [

@@ -90,7 +90,7 @@ def test_two_threads_two_models_match_single_threaded():
 
 def test_threads_on_the_same_tokenizer_and_pairs_are_independent():
     """Several threads, each with its own model copy but one shared tokenizer and pair list."""
-    tokenizer, shared_pairs = make_tokenizer(), pairs(4)
+    tokenizer, shared_pairs = make_tokenizer(), refusal_pairs(4)
     models = [make_model("qwen3", seed=s) for s in (0, 1, 2)]
     alone = [extract_caa_vectors(m, tokenizer, shared_pairs, LAYERS, show_progress=False, batch_size=3)
              for m in models]
