@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import _core
-from ..model_control import deepest_module, unflatten_rows, eval_mode, exclusive_use, forward_hooks, input_device
+from ..model_control import block_output, deepest_module, unflatten_rows, eval_mode, exclusive_use, forward_hooks, input_device
 from .batching import TokenBatch
 
 
@@ -40,15 +40,18 @@ class DeviceRowCollector:
             cache[device] = source.to(device, non_blocking=True)
         return cache[device]
 
-    def __call__(self, slot: int, hidden: torch.Tensor) -> None:
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The batch's selected rows of ``hidden`` ([batch, seq, hidden]), float32 [batch, hidden],
+        on ``hidden``'s device: the read token of each row, or the mean over its real tokens."""
         batch = self._batch
         if batch.read_index is not None:
             index = self._on(hidden.device, self._index, batch.read_index)
-            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
-        else:
-            mask = self._on(hidden.device, self._mask, batch.attention_mask).to(torch.float32)
-            rows = torch.einsum("bs,bsh->bh", mask, hidden.float()) / mask.sum(1, keepdim=True)
-        self._rows[slot] = rows
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+        mask = self._on(hidden.device, self._mask, batch.attention_mask).to(torch.float32)
+        return torch.einsum("bs,bsh->bh", mask, hidden.float()) / mask.sum(1, keepdim=True)
+
+    def __call__(self, slot: int, hidden: torch.Tensor) -> None:
+        self._rows[slot] = self.select(hidden)
 
     def flush(self, accumulator: _core.Accumulator) -> None:
         by_device: dict[torch.device, list[int]] = {}
@@ -59,6 +62,49 @@ class DeviceRowCollector:
             for k, slot in enumerate(slots):
                 accumulator.add(slot, host[k], self._batch.groups)
         self._rows = {}
+
+
+class PairMomentHooks:
+    """Forward hooks feeding the second moments of paired differences (``_core.PairMoments``).
+
+    Each hooked module's selected rows (as ``DeviceRowCollector.select`` picks them) are
+    matched with their pair partners and handed to ``PairMoments.add``, which forms the
+    differences and updates the moments in C. Rows are ordered with partners adjacent
+    (``batching.pair_order``), so a row whose partner is in the next batch waits here: at
+    most one row per layer at a time.
+    """
+
+    def __init__(self, moments: _core.PairMoments, partner: Sequence[int], is_positive: Sequence[bool]) -> None:
+        self.moments, self.partner, self.is_positive = moments, partner, is_positive
+        self.rows = DeviceRowCollector()
+        self.waiting: list[dict[int, torch.Tensor]] = [{} for _ in range(moments.num_slots)]
+
+    def begin(self, batch: TokenBatch) -> None:
+        self.rows.begin(batch)
+
+    def hook(self, slot: int) -> Callable:
+        def add_pairs(module: nn.Module, args: tuple, output) -> None:
+            batch = self.rows._batch
+            hidden = block_output(unflatten_rows(output, batch.num_rows))
+            rows = self.rows.select(hidden).cpu()
+            waiting, extra, pos, neg = self.waiting[slot], [], [], []
+            for r, row_id in enumerate(batch.row_ids):
+                partner = self.partner[row_id]
+                if partner in waiting:
+                    extra.append(waiting.pop(partner))
+                    other = batch.num_rows + len(extra) - 1
+                    pos.append(r if self.is_positive[row_id] else other)
+                    neg.append(other if self.is_positive[row_id] else r)
+                else:
+                    waiting[row_id] = rows[r].clone()
+            if pos:
+                self.moments.add(slot, torch.cat([rows, *[e[None] for e in extra]]) if extra else rows,
+                                 torch.tensor(pos), torch.tensor(neg))
+        return add_pairs
+
+    def check_complete(self) -> None:
+        if any(self.waiting):
+            raise RuntimeError("internal error: some pair members never met their partner")
 
 
 class _Unflattening:
@@ -78,11 +124,13 @@ def accumulate_batches(
     accumulator: _core.Accumulator,
     on_batch: Callable[[TokenBatch], None] | None = None,
     unflatten: bool = False,
+    moments: PairMomentHooks | None = None,
 ) -> None:
     """Run every batch through ``model``, adding outputs of ``blocks[slot]`` to ``slot``.
 
     ``unflatten``: the hooked modules may return ``[batch * seq, hidden]`` (OPT's MLP does);
-    view such outputs as ``[batch, seq, hidden]`` before reading them.
+    view such outputs as ``[batch, seq, hidden]`` before reading them. ``moments``: also
+    feed second moments of the paired differences (rows must come in ``pair_order``).
     """
     device = input_device(model)
     deepest = deepest_module(model, blocks)
@@ -93,14 +141,22 @@ def accumulate_batches(
         for slot in range(len(blocks))
     ]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
-    with exclusive_use(model), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
+    # The moment hooks go first: the deepest CaptureHook ends the forward by raising.
+    pairs = list(zip(blocks, callables))
+    if moments is not None:
+        pairs = [(block, moments.hook(slot)) for slot, block in enumerate(blocks)] + pairs
+    with exclusive_use(model), eval_mode(model), forward_hooks(pairs), torch.inference_mode():
         try:
             for batch in batches:
+                if moments is not None:
+                    moments.begin(batch)
                 _run_batch(model, batch, device, accumulator, hooks, collector)
                 if on_batch is not None:
                     on_batch(batch)
         finally:
             accumulator.clear_batch()
+    if moments is not None:
+        moments.check_complete()
 
 
 def _run_batch(
