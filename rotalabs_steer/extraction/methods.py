@@ -107,14 +107,17 @@ def direction(method: str, count: int, difference_sum: np.ndarray, moment: np.nd
             # The limit of (C + eps I)^-1 mean(d) as C -> 0 is the mean difference itself.
             return _oriented(mean_difference, mean_difference), {"shrinkage": float(shrinkage), "epsilon": 0.0,
                                                                   "fisher_degenerate": True}
+        singular = ValueError(
+            f"method='fisher': the covariance of the differences is singular ({count} pairs, hidden "
+            f"size {hidden}) and shrinkage={shrinkage}; use shrinkage > 0"
+        )
+        if shrinkage == 0 and count <= hidden:  # rank(C) <= N - 1 < H: round-off would hide it
+            raise singular
         epsilon = shrinkage * trace / hidden
         try:
             solved = np.linalg.solve(covariance + epsilon * np.eye(hidden), mean_difference)
         except np.linalg.LinAlgError:
-            raise ValueError(
-                f"method='fisher': the covariance of the differences is singular ({count} pairs, hidden "
-                f"size {hidden}) and shrinkage={shrinkage}; use shrinkage > 0"
-            ) from None
+            raise singular from None
         if not np.isfinite(solved).all() or not np.linalg.norm(solved) > 0:
             raise ValueError("method='fisher' found no direction: the mean difference is zero")
         return _oriented(solved, mean_difference), {"shrinkage": float(shrinkage), "epsilon": float(epsilon),

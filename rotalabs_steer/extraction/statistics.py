@@ -156,17 +156,17 @@ class PairStatistics:
                                  f"{getattr(self, name)!r} and {getattr(other, name)!r}")
         if self.info.get("component") != other.info.get("component"):
             raise ValueError("cannot add PairStatistics of different components")
-        if self.fold_sums.shape != other.fold_sums.shape:
-            raise ValueError(f"cannot add PairStatistics with different fold counts "
-                             f"({self.fold_sums.shape[1] // 2} and {other.fold_sums.shape[1] // 2})")
+        # Sets with fewer pairs than folds have fewer folds: any partition of the pairs
+        # keeps the held-out figures valid, so the missing folds are empty ones.
+        groups = max(self.fold_sums.shape[1], other.fold_sums.shape[1])
         both = self.has_moments and other.has_moments
         capacity = max(self.sample_rows, other.sample_rows)
         return replace(
             self,
             behavior=self.behavior if self.behavior == other.behavior else f"{self.behavior}+{other.behavior}",
             num_pairs=self.num_pairs + other.num_pairs,
-            fold_sums=self.fold_sums + other.fold_sums,
-            fold_counts=self.fold_counts + other.fold_counts,
+            fold_sums=_pad_groups(self.fold_sums, groups) + _pad_groups(other.fold_sums, groups),
+            fold_counts=_pad_groups(self.fold_counts, groups) + _pad_groups(other.fold_counts, groups),
             pair_counts=self.pair_counts + other.pair_counts if both else None,
             difference_sums=self.difference_sums + other.difference_sums if both else None,
             moments=self.moments + other.moments if both else None,
@@ -213,6 +213,13 @@ class PairStatistics:
     def __repr__(self) -> str:
         return (f"PairStatistics(layers={self.layers}, num_pairs={self.num_pairs}, hidden={self.hidden}, "
                 f"token_position={self.token_position!r}, second_moments={self.has_moments})")
+
+
+def _pad_groups(array: np.ndarray, groups: int) -> np.ndarray:
+    """``array`` ([layers, groups, ...]) with zero groups appended up to ``groups``."""
+    padding = [(0, 0)] * array.ndim
+    padding[1] = (0, groups - array.shape[1])
+    return np.pad(array, padding)
 
 
 def _merge_samples(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], capacity: int):
