@@ -35,6 +35,10 @@ class DeviceRowCollector:
     def begin(self, batch: TokenBatch) -> None:
         self._batch, self._index, self._mask, self._rows = batch, {}, {}, {}
 
+    @property
+    def batch(self) -> TokenBatch | None:
+        return self._batch
+
     def _on(self, device: torch.device, cache: dict, source: torch.Tensor) -> torch.Tensor:
         if device not in cache:
             cache[device] = source.to(device, non_blocking=True)
@@ -84,7 +88,7 @@ class PairMomentHooks:
 
     def hook(self, slot: int) -> Callable:
         def add_pairs(module: nn.Module, args: tuple, output) -> None:
-            batch = self.rows._batch
+            batch = self.rows.batch
             hidden = block_output(unflatten_rows(output, batch.num_rows))
             rows = self.rows.select(hidden).cpu()
             waiting, extra, pos, neg = self.waiting[slot], [], [], []
