@@ -292,3 +292,42 @@ def test_lanczos_top_eigenvector_matches_eigh():
     assert value == pytest.approx(values[-1], rel=1e-9) and second == pytest.approx(values[-2], rel=1e-6)
     assert abs(abs(vector @ vectors[:, -1]) - 1) < 1e-9
     assert top_eigenpairs(matrix)[0] == pytest.approx(values[-1], rel=1e-9)  # H > 512 takes Lanczos
+
+
+# ------------------------------------------------------------------ distributed, CLI
+
+
+@pytest.mark.slow  # a torchrun launch
+def test_two_ranks_all_reduce_the_moments(tmp_path):
+    from test_distributed import extraction_inputs, run_torchrun
+
+    run_torchrun(tmp_path, "moments", worker=Path(__file__).with_name("distributed_moments.py"))
+    ranks = [PairStatistics.load(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    model, tokenizer, pairs = extraction_inputs()
+    single = collect_pair_statistics(model, tokenizer, pairs, LAYERS, "mean", show_progress=False, batch_size=2)
+    assert np.array_equal(ranks[0].moments, ranks[1].moments)
+    assert list(ranks[0].pair_counts) == [len(pairs)] * len(LAYERS) and ranks[0].info["world_size"] == 2
+    np.testing.assert_allclose(ranks[0].moments, single.moments, rtol=1e-9, atol=1e-12)
+    for method in METHODS:
+        for got, want in zip(ranks[0].vectors(method), single.vectors(method)):
+            assert rel(got.vector, want.vector.double().numpy()) <= 1e-6
+
+
+def test_cli_extract_method(tmp_path, capsys):
+    from rotalabs_steer.cli import main
+    from rotalabs_steer.vectors import SteeringVectorSet
+
+    model_dir = tmp_path / "model"
+    model_of("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(__import__("json").dumps(refusal_pairs(6)))
+    status = main(["extract", "--model", str(model_dir), "--pairs", str(pairs), "--layers", "1,3",
+                   "--method", "pca_diff", "--batch-size", "4", "--out", str(tmp_path / "out")])
+    assert status in (0, None)
+    loaded = SteeringVectorSet.load(tmp_path / "out")
+    assert loaded.layers == [1, 3] and all(v.extraction_method == "pca_diff" for v in loaded)
+    assert all(abs(v.norm - 1) < 1e-6 for v in loaded)
+    assert main(["extract", "--model", str(model_dir), "--pairs", str(pairs), "--method", "lda",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--method" in capsys.readouterr().err

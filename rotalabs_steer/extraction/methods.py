@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 DIRECTION_METHODS = ("pca", "pca_diff", "fisher")
-EIGH_MAX_HIDDEN = 512  # up to this width a full eigendecomposition is cheap enough
+# Up to this width a full eigendecomposition is cheap. Above it Lanczos wins by far: a full
+# LAPACK eigh of 384 x 384 took 9 s on 2 busy cores (threaded BLAS), Lanczos 0.16 s.
+EIGH_MAX_HIDDEN = 64
 DEFAULT_SHRINKAGE = 0.1
 
 
