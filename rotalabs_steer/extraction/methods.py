@@ -84,10 +84,10 @@ def direction(method: str, count: int, difference_sum: np.ndarray, moment: np.nd
     mean_difference = difference_sum / count
     hidden = len(mean_difference)
     if method == "pca":
-        value, second, vector = top_eigenpairs(moment / count)
         trace = float(np.trace(moment)) / count
         if trace <= 0:
             raise ValueError("method='pca': every paired difference is zero; there is no direction")
+        value, second, vector = top_eigenpairs(moment / count)
         return _oriented(vector, mean_difference), _eigen_figures(value, second, trace)
     covariance = moment / count - np.outer(mean_difference, mean_difference)
     trace = float(np.trace(covariance))
