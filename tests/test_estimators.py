@@ -33,7 +33,7 @@ from rotalabs_steer.extraction import (
 from rotalabs_steer.extraction.methods import _lanczos_top, top_eigenpairs
 
 LAYERS = [1, 3]
-NUM_PAIRS = 8
+NUM_PAIRS = 6
 
 
 @lru_cache(maxsize=None)
@@ -42,8 +42,12 @@ def model_of(kind):
 
 
 @lru_cache(maxsize=None)
+def _truth(kind):
+    return pair_rows(model_of(kind), make_tokenizer(), refusal_pairs(NUM_PAIRS), LAYERS, ("last", "mean"))
+
+
 def truth_rows(kind, token_position):
-    return pair_rows(model_of(kind), make_tokenizer(), refusal_pairs(NUM_PAIRS), LAYERS, token_position)
+    return _truth(kind)[token_position]
 
 
 def numpy_methods(pos: np.ndarray, neg: np.ndarray, shrinkage: float = 0.1) -> dict[str, tuple[np.ndarray, float]]:
