@@ -11,6 +11,14 @@ token position, batch size, repeats, threads):
   bare-full         our batches through the model, no hooks, full depth                    (.venv)
   bare-stopped      the same, stopped after the deepest requested block                    (.venv)
 
+--methods runs the estimator section instead (issue 15; bench/results/methods.json):
+  ours-methods          collect_pair_statistics once, then caa, pca, pca_diff and fisher  (.venv)
+  steering-vectors      mean_aggregator() (one pass, one method)     (bench/.venvs/steering-vectors)
+  steering-vectors-pca  pca_aggregator() (another pass)              (bench/.venvs/steering-vectors)
+  repeng                repeng==0.4.0 ControlVector.train(method="pca_diff")   (bench/.venvs/repeng)
+with the cosine between each peer's vectors and ours of the same method (min over layers),
+and ours-methods alone at 64, 256 and 1,024 pairs for peak RSS against the number of pairs.
+
 Every process loads the same float32 weights from an ordinary Hugging Face directory under
 bench/.work/ (written here once), with the same torch thread count. Each time is the median
 of --repeats timed runs after one untimed warm-up (CPU: the first pair; GPU: all pairs); peak RSS is the
@@ -55,13 +63,21 @@ SYSTEMS = {
     "steering-vectors": ("steering-vectors", "steering_vectors_driver.py"),
     "bare-full": ("ours", "ours_driver.py"),
     "bare-stopped": ("ours", "ours_driver.py"),
+    "ours-methods": ("ours", "ours_driver.py"),
+    "steering-vectors-pca": ("steering-vectors", "steering_vectors_driver.py"),
+    "repeng": ("repeng", "repeng_driver.py"),
 }
+# The method of ours-methods each peer computes (for the cosine between the same methods).
+PEER_METHOD = {"steering-vectors": "caa", "steering-vectors-pca": "pca", "repeng": "pca_diff"}
 SYSTEM_TITLES = {
     "ours": "ours (rotalabs_steer, batch_size={bs})",
     "reference": "rotalabs-steer 1.2.0 (reference)",
     "steering-vectors": "steering-vectors 0.12.2 (batch_size={bs})",
     "bare-full": "bare forward, full depth",
     "bare-stopped": "bare forward, stopped after block {deepest}",
+    "ours-methods": "ours, all four methods from one pass (batch_size={bs})",
+    "steering-vectors-pca": "steering-vectors 0.12.2 pca_aggregator (batch_size={bs})",
+    "repeng": "repeng 0.4.0 pca_diff (batch_size={bs})",
 }
 SKIP_MEAN = "steering-vectors has no mean-over-tokens mode (it reads one token index)"
 
@@ -247,6 +263,51 @@ def cpu_workloads(quick: bool, n_refusal: int) -> tuple[list[Workload], dict, di
     return workloads, models, pairs
 
 
+def methods_workloads(quick: bool, n_refusal: int) -> tuple[list[Workload], dict, dict]:
+    """Every estimator from one pass against the peers' one method per pass, then scaling."""
+    from rotalabs_steer.configs import ModelConfig, get_model_config
+
+    layers5 = get_model_config(SMOLLM2).get_recommended_layers("refusal")[:5]
+    workloads = [Workload(
+        "methods-smollm2-5layers-last", f"SmolLM2-135M-Instruct, refusal pairs, 5 layers {layers5}, token position "
+        "`last`: caa + pca + pca_diff + fisher (ours, one pass) against one method per peer pass",
+        "smollm2", "refusal", layers5, "last", ["ours-methods", "steering-vectors", "steering-vectors-pca", "repeng"],
+        group="methods")]
+    scaling_layers = ModelConfig("config", 8, 384).get_recommended_layers("x")
+    sizes = (4, 8, 16) if quick else (64, 256, 1024)
+    for label, n in zip((64, 256, 1024), sizes):
+        workloads.append(Workload(
+            f"methods-scaling-{label}", f"Llama config model (hidden 384, 8 blocks, random weights), {n} combined "
+            f"pairs, layers {scaling_layers}, token position `last`, all four methods",
+            "scaling", f"combined-{n}", scaling_layers, "last", ["ours-methods"], group="methods-scaling"))
+    models = {"smollm2": smollm2_dir, "scaling": lambda: config_model_dir(
+        "llama-h384-l8-config", hidden=384, intermediate=1024, layers=8, heads=6, kv_heads=2, tie=True,
+        dtype="float32", device="cpu")}
+    pairs = {"refusal": lambda: refusal_pairs()[:n_refusal or None]}
+    for n in sizes:
+        pairs[f"combined-{n}"] = (lambda n=n: combined_pairs(n, pool=max(sizes)))
+    return workloads, models, pairs
+
+
+def method_cosines(rows: dict, runs_dir: Path) -> None:
+    """Cosine (min over layers) between each peer's vectors and ours-methods' of the same method."""
+    import numpy as np
+
+    ours = rows.get("ours-methods", {})
+    if not ours.get("methods"):
+        return
+    for system, method in PEER_METHOD.items():
+        theirs = rows.get(system, {}).get("_vectors")
+        if theirs is None:
+            continue
+        mine = np.load(runs_dir / "ours-methods" / f"vectors_{method}.npy")
+        cosines = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(mine, theirs)]
+        # Signs are conventions (ours: u . mean(d) > 0; repeng: a majority vote over pairs),
+        # so |cosine| compares the directions themselves.
+        rows[system]["cosine_vs_ours"] = {"method": method, "min": min(cosines),
+                                          "min_abs": min(abs(c) for c in cosines), "per_layer": cosines}
+
+
 GPU_MODEL = {"name": "llama-1.2b-config-bf16", "hidden": 2048, "intermediate": 5632, "layers": 22,
              "heads": 32, "kv_heads": 4, "tie": False}
 
@@ -363,6 +424,10 @@ def run_workload(w: Workload, model_dir: Path, pairs_file: Path, n_pairs: int, t
                 shared[key] = (w.name, result)
         rows[system] = result
 
+    method_cosines(rows, runs_dir / w.name)
+    if "ours-methods" in rows and "ours" not in rows:  # peers' times against our one pass
+        rows = {"ours": rows.pop("ours-methods"), **rows}
+        rows["ours"]["system"] = "ours-methods"
     ours = rows.get("ours", {}).get("_vectors")
     for system, row in rows.items():
         if system != "ours" and row.get("_vectors") is not None and ours is not None:
@@ -374,6 +439,9 @@ def run_workload(w: Workload, model_dir: Path, pairs_file: Path, n_pairs: int, t
         if "error" in row:
             continue
         extra = f"  rel.L2 vs ours {row['rel_l2_vs_ours']:.1e}" if "rel_l2_vs_ours" in row else ""
+        if "cosine_vs_ours" in row:
+            cosine = row["cosine_vs_ours"]
+            extra = f"  cosine vs ours' {cosine['method']}: min {cosine['min']:.6f}, min |.| {cosine['min_abs']:.6f}"
         ratio = f"  ({row['ratio_to_ours']:.2f}x ours)" if "ratio_to_ours" in row and system != "ours" else ""
         if "shared_with" not in row:
             log(f"  {system:>17}: median {row['median_s']:.3f} s{ratio}  peak RSS {row['peak_rss_kib'] / 1024:.0f} MiB"
@@ -444,6 +512,8 @@ def main() -> None:
     parser.add_argument("--gpu-model", action="store_true", help="the GPU section: a ~1.2B-parameter Llama config model, "
                         "ours and the bare forwards only (use with --device cuda --dtype bfloat16)")
     parser.add_argument("--results-dir", type=Path, help="where section JSON goes (default bench/results, quick: bench/.work/quick/results)")
+    parser.add_argument("--methods", action="store_true", help="the estimator section (bench/results/methods.json): "
+                        "ours' four methods from one pass against steering-vectors' mean and pca and repeng's pca_diff")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md and results.png from the JSON")
     args = parser.parse_args()
     args.command = " ".join(["python", "bench/run_bench.py", *map(shlex.quote, sys.argv[1:])])
@@ -464,8 +534,12 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
     section = ("gpu" if cuda else "cpu-gpu-model") if args.gpu_model else ("gpu-small" if cuda else "cpu")
+    if args.methods:
+        section = "methods" if not cuda else "methods-gpu"
     n_refusal = args.pairs or (4 if args.quick else 0)
-    if args.gpu_model:
+    if args.methods:
+        workloads, models, pair_sets = methods_workloads(args.quick, n_refusal)
+    elif args.gpu_model:
         workloads, models, pair_sets = gpu_workloads(args.quick, n_refusal, args.device, args.dtype)
     else:
         workloads, models, pair_sets = cpu_workloads(args.quick, n_refusal)

@@ -4,6 +4,8 @@
 #   bench/.venvs/reference          rotalabs-steer==1.2.0 (the pure-Python package we replace;
 #                                   its import name is ours, so it only ever runs in its own process)
 #   bench/.venvs/steering-vectors   steering-vectors==0.12.2
+#   bench/.venvs/repeng             repeng==0.4.0 (ControlVector.train, method="pca_diff"; the
+#                                   newest release on the package index: there is no 0.5)
 #
 # Each gets torch first, pinned to the CPU build this project is tested with (pip finds the
 # local wheel; an unpinned torch would pull several GB of CUDA), then the same transformers as
@@ -13,6 +15,8 @@
 # 5.x (it only tokenizes, calls the model and hooks decoder blocks): it is installed with
 # --no-deps next to transformers 5.24.0, and its declared needs (tqdm, scikit-learn) are
 # installed by name. `pip check` in that venv therefore reports the transformers pin.
+# repeng 0.4.0 also declares numpy<2.0, and needs it (it names np.float_, gone in NumPy 2):
+# it is installed with --no-deps, then numpy 1.26 (torch 2.13 runs with it) and its other needs.
 #
 # Idempotent: a venv whose marker file records the same pins is left alone.
 # Usage: bench/setup_peers.sh [PYTHON]     (PYTHON defaults to $PYTHON or python3)
@@ -51,7 +55,7 @@ make_venv() {
 import sys, importlib.metadata as md
 import torch, transformers
 name = sys.argv[1]
-peer = {"reference": "rotalabs-steer", "steering-vectors": "steering-vectors"}[name]
+peer = {"reference": "rotalabs-steer", "steering-vectors": "steering-vectors", "repeng": "repeng"}[name]
 print(f"bench peers: {name}: {peer} {md.version(peer)}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}")
 EOF
@@ -67,9 +71,13 @@ install_peer() {
         steering-vectors)
             pip_q "$dir/bin/python" --no-deps "$@"
             pip_q "$dir/bin/python" "tqdm>=4.1,<5" "scikit-learn>=1.4,<2" ;;
+        repeng)
+            pip_q "$dir/bin/python" --no-deps "$@"
+            pip_q "$dir/bin/python" "numpy>=1.26,<2" "tqdm>=4.66,<5" "scikit-learn>=1.4,<2" "gguf>=0.6" ;;
     esac
 }
 
 mkdir -p "$venvs"
 make_venv reference "rotalabs-steer==1.2.0"
 make_venv steering-vectors "steering-vectors==0.12.2"
+make_venv repeng "repeng==0.4.0"

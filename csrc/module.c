@@ -3,6 +3,7 @@
  * dlpack_info(), which reports what the DLPack reader sees in a tensor.
  */
 #include "core.h"
+#include "pair_moments.h"
 
 int accumulator_numpy_import(void);
 
@@ -85,6 +86,8 @@ static int core_exec(PyObject *module)
     state->capture_hook_type =
         (PyTypeObject *)PyType_FromModuleAndSpec(module, &capture_hook_spec, NULL);
     if (state->capture_hook_type == NULL || PyModule_AddType(module, state->capture_hook_type) < 0)
+        return -1;
+    if (pair_moments_add_type(module) < 0)
         return -1;
     /* A BaseException, like GeneratorExit and KeyboardInterrupt: it is a control-flow
      * signal, not an error, and must pass through user code (a wrapper or hook) that

@@ -126,6 +126,7 @@ def _device(text: str):
 
 def _parser() -> _Parser:
     from .extraction.batching import TOKEN_POSITIONS
+    from .extraction.statistics import METHODS
 
     parser = _Parser(prog=PROG, description="Steering vectors for Hugging Face language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,9 +139,9 @@ def _parser() -> _Parser:
         command.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                              help="texts per forward pass (default: %(default)s)")
 
-    extract = commands.add_parser("extract", help="extract CAA vectors and save them with a plot",
-                                  description="Extract CAA steering vectors at several layers in one "
-                                              "batched pass; save the set and layers.png into --out.")
+    extract = commands.add_parser("extract", help="extract steering vectors and save them with a plot",
+                                  description="Extract steering vectors (CAA by default) at several layers in "
+                                              "one batched pass; save the set and layers.png into --out.")
     model_options(extract)
     extract.add_argument("--pairs", required=True, metavar="FILE|BEHAVIOUR",
                          help="contrast pairs: a JSON/JSONL file or a shipped behaviour name")
@@ -150,6 +151,10 @@ def _parser() -> _Parser:
                          help="e.g. 10-14, 3,5,7 or 10-12,20 (default: the model's recommended layers)")
     extract.add_argument("--token-position", choices=TOKEN_POSITIONS, default="last",
                          help="token whose activation is read (default: %(default)s)")
+    extract.add_argument("--method", choices=METHODS, default="caa",
+                         help="caa: mean difference; pca / pca_diff: top principal direction of the paired "
+                              "differences (uncentred / centred); fisher: shrunk LDA direction; the last three "
+                              "are unit-norm (default: %(default)s)")
     extract.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write the set into")
     extract.set_defaults(run=_run_extract)
 
@@ -192,14 +197,15 @@ def _parser() -> _Parser:
 
 def _run_extract(args) -> None:
     from .configs import infer_model_config
-    from .extraction import extract_caa_vectors
+    from .extraction import extract_vectors
 
     if args.out.exists() and not args.out.is_dir():
         raise _UsageError(f"--out {args.out} exists and is not a folder")
     pairs = _load_pairs(args.pairs, args.behavior)
     model, tokenizer = _load_model(args.model, args.device)
     layers = args.layers or infer_model_config(model).get_recommended_layers(pairs.behavior)
-    vectors = extract_caa_vectors(model, tokenizer, pairs, layers, args.token_position, batch_size=args.batch_size)
+    vectors = extract_vectors(model, tokenizer, pairs, layers, args.method, args.token_position,
+                              batch_size=args.batch_size)
     vectors.save(args.out)
     print(_table(["layer", "norm", "accuracy", "cohens_d"], [
         [v.layer_index, v.norm, v.metadata.get("separation_accuracy"), v.metadata.get("separation_cohens_d")]

@@ -56,3 +56,19 @@ def caa_truth(model, tokenizer, pairs, layers, token_position, max_length=512, c
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
+
+
+def pair_rows(model, tokenizer, pairs, layers, token_positions, max_length=512, component="residual"
+              ) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """{token_position: {layer: (positive rows, negative rows)}}, float64 [pairs, hidden] each,
+    one text per forward (shared by every position)."""
+    model64 = copy.deepcopy(model).to(torch.float64)
+    rows = {position: {layer: ([], []) for layer in layers} for position in token_positions}
+    for pair in pairs:
+        for side, key in enumerate(("positive", "negative")):
+            ids = tokenizer(pair[key], truncation=True, max_length=max_length)["input_ids"]
+            for layer, hidden in block_outputs(model64, ids, layers, component).items():
+                for position in token_positions:
+                    rows[position][layer][side].append(select(hidden, position))
+    return {position: {layer: (torch.stack(pos), torch.stack(neg)) for layer, (pos, neg) in by_layer.items()}
+            for position, by_layer in rows.items()}

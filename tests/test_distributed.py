@@ -28,10 +28,10 @@ def extraction_inputs():
     return make_model("llama", seed=3), make_tokenizer(), pairs
 
 
-def run_torchrun(out_dir: Path, mode: str) -> None:
+def run_torchrun(out_dir: Path, mode: str, worker: Path = WORKER) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(WORKER), str(out_dir), mode]
+               str(worker), str(out_dir), mode]
     # Own process group, so a hung rendezvous takes the workers down with torchrun.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)

@@ -19,7 +19,8 @@ Job file (JSON, written by bench/run_bench.py):
 
 Result (out_dir/result.json): wall time of every timed run, peak RSS of the process
 (ru_maxrss, KiB), RSS right after the model loaded, peak accelerator memory, versions,
-and vectors.npy: float64 [len(layers), hidden], rows in job["layers"] order.
+and vectors.npy: float64 [len(layers), hidden], rows in job["layers"] order (a system making
+several methods writes vectors_METHOD.npy for each and lists them under "methods").
 """
 
 from __future__ import annotations
@@ -107,11 +108,15 @@ def run(job: dict, extract, versions: dict | None = None) -> None:
 
     out = Path(job["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    methods = None
     if vectors is not None:
         import numpy as np
 
-        rows = [vectors[layer].detach().to("cpu", torch.float64).numpy() for layer in job["layers"]]
-        np.save(out / "vectors.npy", np.stack(rows))
+        # {layer: vector}, or {method: {layer: vector}} from a system that makes several methods
+        methods = sorted(vectors) if all(isinstance(key, str) for key in vectors) else None
+        for method, per_layer in ({m: vectors[m] for m in methods} if methods else {"": vectors}).items():
+            rows = [per_layer[layer].detach().to("cpu", torch.float64).numpy() for layer in job["layers"]]
+            np.save(out / (f"vectors_{method}.npy" if method else "vectors.npy"), np.stack(rows))
     import transformers
 
     result = {
@@ -121,7 +126,8 @@ def run(job: dict, extract, versions: dict | None = None) -> None:
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rss_after_load_kib": rss_loaded,
         "peak_device_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "vectors": "vectors.npy" if vectors is not None else None,
+        "vectors": "vectors.npy" if vectors is not None and not methods else None,
+        "methods": methods,
         "threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, **(versions or {})},

@@ -4,6 +4,8 @@
   bare-full     the same right-padded, length-bucketed batches through the model, no hooks
   bare-stopped  the same, stopped after the deepest requested block (an exception raised
                 by a hook on it: the least any block-output reader must compute)
+  ours-methods  collect_pair_statistics(..., batch_size=B) once, then .vectors(method) for
+                caa, pca, pca_diff and fisher (every method from one pass)
 
 Both bare forwards tokenize inside the timed region, as extraction does.
 """
@@ -62,6 +64,17 @@ def main() -> None:
             result = extract_caa_vectors(model, tokenizer, dataset, layers, job["token_position"],
                                          show_progress=False, batch_size=batch_size)
             return {layer: result.get(layer).vector for layer in layers}
+    elif system == "ours-methods":
+        from rotalabs_steer.extraction import METHODS, collect_pair_statistics
+
+        def extract(model, tokenizer, pairs):
+            records = [{"positive": positive, "negative": negative} for positive, negative in pairs]
+            stats = collect_pair_statistics(model, tokenizer, records, layers, job["token_position"],
+                                            show_progress=False, batch_size=batch_size)
+            # One pair (the warm-up): its centred difference is zero, so pca_diff has no direction.
+            methods = METHODS if len(pairs) > 1 else [m for m in METHODS if m != "pca_diff"]
+            return {method: {layer: stats.vectors(method).get(layer).vector for layer in layers}
+                    for method in methods}
     elif system == "bare-full":
         def extract(model, tokenizer, pairs):
             return bare_forward(model, tokenizer, pairs, batch_size)

@@ -104,13 +104,15 @@ def make_batches(
     batch_size: int,
     pad_id: int | None,
     read_indices: Sequence[int] | None = None,
+    order: Sequence[int] | None = None,
 ) -> Iterator[TokenBatch]:
     """Bucket rows by length (longest first, so memory peaks on the first batch) and pad.
 
     ``read_indices`` gives an explicit token per row; negative values count from the end
-    of the row's real tokens.
+    of the row's real tokens. ``order`` replaces the bucketing order (see ``pair_order``).
     """
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    if order is None:
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         lengths = [len(token_ids[i]) for i in rows]
@@ -137,3 +139,15 @@ def make_batches(
             read = None
         yield TokenBatch(ids, mask, torch.as_tensor([groups[i] for i in rows], dtype=torch.long),
                          read, length_tensor, torch.as_tensor(rows, dtype=torch.long))
+
+
+def pair_order(token_ids: Sequence[Sequence[int]], partner: Sequence[int]) -> list[int]:
+    """Row order that puts each row next to its pair partner (``partner[i]``), pairs bucketed
+    by their longer member, longest first.
+
+    Second moments of the differences need both members of a pair: adjacent, they share a
+    batch or sit in two consecutive ones, so at most one row per layer waits for its partner.
+    """
+    firsts = [i for i in range(len(token_ids)) if i < partner[i]]
+    firsts.sort(key=lambda i: -max(len(token_ids[i]), len(token_ids[partner[i]])))
+    return [row for i in firsts for row in (i, partner[i])]

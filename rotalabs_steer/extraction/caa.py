@@ -8,10 +8,8 @@ padding or pair order beyond float32 round-off of the model itself.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
 
 from .. import _core
@@ -21,10 +19,13 @@ from ..model_control import input_embeddings
 from ..progress import progress_bar
 from ..validation import as_int, check_choice, int_at_least, layer_in_range
 from ..vectors import SteeringVector, SteeringVectorSet
-from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
-from .distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
-from .forward import REDUCE_ON, accumulate_batches
-from .separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
+from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, pair_order, tokenize
+from .distributed import (all_reduce_moments, all_reduce_state, gather_samples, rank_and_size, resolve_group,
+                          share_of_rows)
+from .forward import REDUCE_ON, PairMomentHooks, accumulate_batches
+from .separation import DEFAULT_FOLDS, fold_of_pairs
+from .methods import DEFAULT_SHRINKAGE
+from .statistics import METHODS, PairStatistics
 
 TokenPosition = Literal["last", "first", "mean", "answer"]
 DEFAULT_MAX_LENGTH = 512
@@ -109,10 +110,90 @@ def extract_caa_vectors(
                     component, process_group, reduce_on)
 
 
+def collect_pair_statistics(
+    model,
+    tokenizer,
+    contrast_pairs: ContrastPairDataset | list[dict],
+    layer_indices: Sequence[int],
+    token_position: TokenPosition = "last",
+    show_progress: bool = True,
+    *,
+    batch_size: int = 1,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    layer_modules=None,
+    separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
+    component: str = "residual",
+    process_group=None,
+    reduce_on: str = "auto",
+) -> PairStatistics:
+    """One pass over the pairs collecting what every extraction method needs, per layer.
+
+    Besides CAA's sums, accumulates (float64, in C) the count, sum and second moment
+    sum d d^T of the paired differences d = row(positive) - row(negative): memory
+    O(layers x hidden^2), independent of the number of pairs. Then
+    ``stats.vectors("caa" | "pca" | "pca_diff" | "fisher")``; ``stats_a + stats_b`` merges
+    two pair sets; ``save``/``PairStatistics.load`` keep them. Keywords are those of
+    ``extract_caa_vectors``.
+    """
+    return collect(model, tokenizer, contrast_pairs, layer_indices, token_position, show_progress,
+                   batch_size, max_length, layer_modules, separation_sample, component, process_group,
+                   reduce_on, second_moments=True)
+
+
+def extract_vectors(
+    model,
+    tokenizer,
+    contrast_pairs: ContrastPairDataset | list[dict],
+    layer_indices: Sequence[int],
+    method: str = "caa",
+    token_position: TokenPosition = "last",
+    show_progress: bool = True,
+    *,
+    batch_size: int = 1,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    layer_modules=None,
+    separation_sample: int = DEFAULT_SEPARATION_SAMPLE,
+    component: str = "residual",
+    process_group=None,
+    reduce_on: str = "auto",
+    shrinkage: float = DEFAULT_SHRINKAGE,
+) -> SteeringVectorSet:
+    """Steering vectors by ``method``: ``"caa"`` (mean difference, as ``extract_caa_vectors``),
+    ``"pca"`` (top eigenvector of sum d d^T), ``"pca_diff"`` (top eigenvector of the covariance
+    of the differences) or ``"fisher"`` ((C + eps I)^-1 mean(d), eps = shrinkage * trace(C) / H).
+
+    Directions are unit-norm, signed so that they point from negative to positive; their
+    ``metadata["caa_projection"]`` is the CAA vector's length along them. Other keywords are
+    those of ``extract_caa_vectors``. To get several methods from one pass, use
+    ``collect_pair_statistics(...).vectors(method)``.
+    """
+    check_choice(method, METHODS, "method")
+    arguments = (model, tokenizer, contrast_pairs, layer_indices, token_position, show_progress,
+                 batch_size, max_length, layer_modules, separation_sample, component, process_group, reduce_on)
+    if method == "caa":
+        return collect(*arguments).vectors("caa")
+    options = {"shrinkage": shrinkage} if method == "fisher" else {}
+    return collect(*arguments, second_moments=True).vectors(method, **options)
+
+
 def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
              show_progress, batch_size, max_length, layer_modules, separation_sample,
              component, process_group, reduce_on, single_layer: bool = False) -> SteeringVectorSet:
     """``single_layer``: ``layer_indices`` is ``extract_caa_vector``'s one ``layer_idx``."""
+    return collect(model, tokenizer, contrast_pairs, layer_indices, token_position, show_progress,
+                   batch_size, max_length, layer_modules, separation_sample, component, process_group,
+                   reduce_on, single_layer=single_layer).vectors("caa")
+
+
+def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
+            show_progress, batch_size, max_length, layer_modules, separation_sample,
+            component, process_group, reduce_on: str = "auto", single_layer: bool = False,
+            second_moments: bool = False) -> PairStatistics:
+    """One pass over the pairs: the statistics every method is made from.
+
+    ``second_moments``: also the moments of the paired differences (pairs then share
+    batches, see ``batching.pair_order``); without them this is exactly the CAA pass.
+    """
     check_choice(token_position, TOKEN_POSITIONS, "token_position")
     check_choice(component, COMPONENTS, "component")
     check_choice(reduce_on, REDUCE_ON, "reduce_on")
@@ -148,48 +229,58 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
 
     ranks = resolve_group(process_group)
     rank, world_size = rank_and_size(ranks)
-    mine = share_of_rows([len(row) for row in token_ids], ranks)
-    batches = make_batches([token_ids[i] for i in mine], [row_groups[i] for i in mine], token_position,
+    n = len(pairs)
+    if second_moments:  # a rank takes whole pairs
+        mine_pairs = share_of_rows([max(len(token_ids[i]), len(token_ids[i + n])) for i in range(n)], ranks)
+        mine = mine_pairs + [i + n for i in mine_pairs]
+    else:
+        mine = share_of_rows([len(row) for row in token_ids], ranks)
+    mine_ids = [token_ids[i] for i in mine]
+    order = moment_hooks = None
+    if second_moments:
+        half = len(mine) // 2
+        partner = [k + half if k < half else k - half for k in range(len(mine))]
+        order = pair_order(mine_ids, partner)
+        moments = _core.PairMoments(len(layers), hidden)
+        moment_hooks = PairMomentHooks(moments, partner, [k < half for k in range(len(mine))])
+    batches = make_batches(mine_ids, [row_groups[i] for i in mine], token_position,
                            batch_size, pad_token_id(tokenizer),
-                           None if read_indices is None else [read_indices[i] for i in mine])
+                           None if read_indices is None else [read_indices[i] for i in mine], order)
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
     show_progress = show_progress and rank == 0
-    with progress_bar(total=len(mine), unit="text", desc=f"CAA layers {layers}", show=show_progress) as bar:
-        reducer = None
+    what = "pair statistics" if second_moments else "CAA"
+    reducer = None
+    with progress_bar(total=len(mine), unit="text", desc=f"{what} layers {layers}", show=show_progress) as bar:
         if mine:
             reducer = accumulate_batches(model, modules, batches, accumulator,
                                          on_batch=lambda batch: bar.update(batch.num_rows),
                                          unflatten=component != "residual", reduce_on=reduce_on,
-                                         total_rows=len(mine))
+                                         total_rows=len(mine), moments=moment_hooks)
     if ranks is not None:
         all_reduce_state(accumulator, ranks)
+        if second_moments:
+            all_reduce_moments(moments, ranks)
 
     sums, counts = accumulator.state()
-    model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"
-    vectors = []
-    for slot, layer in enumerate(layers):
-        vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
-                              len(pairs), batch_size, model, component)
-        if ranks is not None:
-            vector.metadata["world_size"] = world_size
-        if accumulator.sample_rows:
-            samples = (reducer and reducer.samples(slot)) or accumulator.samples(slot)
-            if ranks is not None:
-                samples = gather_samples(*samples, ranks)
-            positive, negative = held_out_projections(sums[slot], counts[slot], *samples)
-            vector.held_out_projections = {"positive": positive, "negative": negative}
-            figures = projection_figures(positive, negative)
-            vector.metadata.update({f"separation_{k}": _finite_or_none(v) for k, v in figures.items()},
-                                   separation_folds=folds)
-            if len(samples[0]):
-                # The unit of relative steering strengths: mean L2 norm of the selected rows, both
-                # sides, from the uniform sample (every row when they fit in it).
-                vector.metadata["activation_norm"] = float(np.linalg.norm(samples[0], axis=1).mean())
-                vector.metadata["activation_norm_rows"] = int(len(samples[0]))
-        vectors.append(vector)
-    return SteeringVectorSet(behavior, vectors)
+    samples = []
+    if accumulator.sample_rows:
+        for slot in range(len(layers)):
+            sample = (reducer and reducer.samples(slot)) or accumulator.samples(slot)
+            samples.append(gather_samples(*sample, ranks) if ranks is not None else sample)
+    info = {"batch_size": batch_size, "model_dtype": _model_dtype(model), "component": component}
+    if ranks is not None:
+        info["world_size"] = world_size
+    statistics = PairStatistics(
+        layers=layers, behavior=behavior,
+        model_name=getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown",
+        token_position=token_position, num_pairs=len(pairs), fold_sums=sums, fold_counts=counts,
+        samples=samples, sample_rows=accumulator.sample_rows, info=info,
+    )
+    if second_moments:
+        statistics.pair_counts, statistics.difference_sums, statistics.moments = moments.state()
+    return statistics
 
 
 def _answer_chars(pairs) -> list[int]:
@@ -242,66 +333,6 @@ def _learned_positions(model) -> int | None:
         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDING_NAMES:
             return module.num_embeddings - int(getattr(module, "offset", 0))  # OPT keeps 2 rows spare
     return None
-
-
-def _make_vector(
-    sums: np.ndarray, counts: np.ndarray, layer: int, behavior: str, model_name: str,
-    token_position: str, num_pairs: int, batch_size: int, model, component: str,
-) -> SteeringVector:
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums: the error below says so
-        pos_mean = sums[POSITIVE::2].sum(0) / counts[POSITIVE::2].sum()
-        neg_mean = sums[NEGATIVE::2].sum(0) / counts[NEGATIVE::2].sum()
-        difference = pos_mean - neg_mean
-    if not (np.isfinite(pos_mean).all() and np.isfinite(neg_mean).all()):
-        dtype = _model_dtype(model)
-        hint = " or run it in a wider dtype (float32/bfloat16 instead of float16)" if dtype == "float16" else ""
-        raise ValueError(
-            f"activations at layer {layer} contain NaN or inf (model dtype {dtype}); no vector "
-            f"was produced. Check the model weights{hint}"
-        )
-    vector_norm = float(np.linalg.norm(difference))
-    unit = difference / vector_norm if vector_norm > 0 else difference
-    return SteeringVector(
-        behavior=behavior,
-        layer_index=layer,
-        vector=torch.from_numpy(difference).to(torch.float32),
-        model_name=model_name,
-        extraction_method="caa",
-        metadata={
-            "num_pairs": num_pairs,
-            "token_position": token_position,
-            "pos_mean_norm": float(np.linalg.norm(pos_mean)),
-            "neg_mean_norm": float(np.linalg.norm(neg_mean)),
-            "vector_norm": vector_norm,
-            "num_positive": int(counts[POSITIVE::2].sum()),
-            "num_negative": int(counts[NEGATIVE::2].sum()),
-            "cosine_pos_neg": _cosine(pos_mean, neg_mean),
-            # where the two sides sit along the vector: operator="clamp" steers to the positive one
-            "pos_mean_projection": float(pos_mean @ unit),
-            "neg_mean_projection": float(neg_mean @ unit),
-            "batch_size": batch_size,
-            "model_dtype": _model_dtype(model),
-            "component": component,
-            "layer_semantics": _LAYER_SEMANTICS[component],
-        },
-    )
-
-
-_LAYER_SEMANTICS = {
-    "residual": "output of decoder block layer_index (hidden_states[layer_index + 1])",
-    "mlp": "output of the feed-forward (MLP) submodule of decoder block layer_index",
-    "attn": "output of the self-attention submodule of decoder block layer_index",
-}
-
-
-def _finite_or_none(value):
-    """JSON has no NaN or inf: undefined figures are stored as null."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b) / denominator if denominator > 0 and math.isfinite(denominator) else 0.0
 
 
 def _model_dtype(model) -> str:

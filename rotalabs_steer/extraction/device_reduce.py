@@ -33,6 +33,40 @@ class _DeviceState:
         self.sample_groups = torch.full((num_slots, sample_rows + 1), -1, dtype=torch.int64, device=device)
 
 
+class BatchRows:
+    """The rows a batch reads from a ``[batch, seq, hidden]`` tensor, selected where it lives.
+
+    ``begin(batch, **extra)`` before each forward (``extra``: per-row host tensors wanted on the
+    device too); ``select(hidden)`` gives float64 ``[batch, hidden]``: the read token of each row
+    (a gather), or the mean over its real tokens (a masked bmm). The batch's index / mask and
+    extras are copied to each device once, without blocking the host.
+    """
+
+    def __init__(self) -> None:
+        self.batch: TokenBatch | None = None
+        self._host: dict[str, torch.Tensor] = {}
+        self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def begin(self, batch: TokenBatch, **extra: torch.Tensor) -> None:
+        self.batch, self._on = batch, {}
+        read = {"index": batch.read_index} if batch.read_index is not None else {"mask": batch.attention_mask}
+        self._host = {**read, **extra}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = {key: to_device(value, device) for key, value in self._host.items()}
+        return self._on[device]
+
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        inputs = self.on(hidden.device)
+        if "index" in inputs:
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs["index"]].to(torch.float64)
+        # Sum over real tokens as one masked bmm in float32, float64 from there on.
+        mask = inputs["mask"]
+        total = torch.bmm(mask[:, None, :].float(), hidden.float()).squeeze(1).to(torch.float64)
+        return total / mask.sum(1, keepdim=True).to(torch.float64)
+
+
 class DeviceReducer:
     """Reduces ``[batch, seq, hidden]`` block outputs on their own device (``__call__(slot, hidden)``).
 
@@ -51,25 +85,14 @@ class DeviceReducer:
         self._sample_slot[torch.as_tensor(chosen, dtype=torch.int64)] = torch.arange(self.sample_rows)
         self._states: dict[torch.device, _DeviceState] = {}
         self._slots_seen: set[int] = set()
-        self._batch: TokenBatch | None = None
-        self._inputs: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.rows = BatchRows()
         self.transfers_to_host = 0  # device-to-host copies made: one set at the end, never per batch
 
     def begin(self, batch: TokenBatch) -> None:
-        self._batch, self._inputs = batch, {}
-
-    def _batch_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The batch's row groups, sample slots and read index / mask on ``device``, copied once."""
-        if device not in self._inputs:
-            batch = self._batch
-            groups = torch.where(batch.groups < 0, self.num_groups, batch.groups)
-            host = {"groups": groups, "sample_slot": self._sample_slot[batch.row_ids]}
-            if batch.read_index is not None:
-                host["index"] = batch.read_index
-            else:
-                host["mask"] = batch.attention_mask
-            self._inputs[device] = {key: to_device(value, device) for key, value in host.items()}
-        return self._inputs[device]
+        extra = {"groups": torch.where(batch.groups < 0, self.num_groups, batch.groups)}
+        if self.sample_rows:
+            extra["sample_slot"] = self._sample_slot[batch.row_ids]
+        self.rows.begin(batch, **extra)
 
     def _state(self, device: torch.device) -> _DeviceState:
         if device not in self._states:
@@ -78,15 +101,9 @@ class DeviceReducer:
         return self._states[device]
 
     def __call__(self, slot: int, hidden: torch.Tensor) -> None:
-        device = hidden.device
-        inputs = self._batch_on(device)
-        if "index" in inputs:
-            rows = hidden[torch.arange(hidden.shape[0], device=device), inputs["index"]].to(torch.float64)
-        else:
-            # Sum over real tokens as one masked bmm in float32, float64 from there on.
-            total = torch.bmm(inputs["mask"][:, None, :].float(), hidden.float()).squeeze(1).to(torch.float64)
-            rows = total / inputs["mask"].sum(1, keepdim=True).to(torch.float64)
-        state = self._state(device)
+        rows = self.rows.select(hidden)
+        inputs = self.rows.on(hidden.device)
+        state = self._state(hidden.device)
         state.sums[slot].index_add_(0, inputs["groups"], rows)
         state.counts[slot].index_add_(0, inputs["groups"], torch.ones_like(inputs["groups"]))
         if self.sample_rows:

@@ -76,3 +76,12 @@ def gather_samples(rows: np.ndarray, groups: np.ndarray, group) -> tuple[np.ndar
     if not all_rows:
         return np.zeros((0, hidden)), np.zeros(0, dtype=np.int64)
     return np.concatenate(all_rows), np.concatenate(all_groups)
+
+
+def all_reduce_moments(moments: _core.PairMoments, group) -> None:
+    """Replace every rank's pair counts, difference sums and second moments by their totals."""
+    device = _collective_device(group)
+    totals = [torch.from_numpy(array).to(device) for array in moments.state()]
+    for tensor in totals:
+        dist.all_reduce(tensor, group=group)
+    moments.load_state(*(tensor.cpu() for tensor in totals))

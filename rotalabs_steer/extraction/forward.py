@@ -18,7 +18,7 @@ from .. import _core
 from ..model_control import (block_output, deepest_module, eval_mode, exclusive_use, forward_hooks,
                              input_device, unflatten_rows)
 from .batching import TokenBatch
-from .device_reduce import DeviceReducer, to_device
+from .device_reduce import BatchRows, DeviceReducer, to_device
 
 
 class _DeviceCapture:
@@ -33,6 +33,49 @@ class _DeviceCapture:
         self.reducer(self.slot, block_output(output))
         if self.stop:
             raise _core.StopForward
+
+
+class PairMomentHooks:
+    """Forward hooks feeding the second moments of paired differences (``_core.PairMoments``).
+
+    Each hooked module's selected rows (as ``BatchRows.select`` picks them) are
+    matched with their pair partners and handed to ``PairMoments.add``, which forms the
+    differences and updates the moments in C. Rows are ordered with partners adjacent
+    (``batching.pair_order``), so a row whose partner is in the next batch waits here: at
+    most one row per layer at a time.
+    """
+
+    def __init__(self, moments: _core.PairMoments, partner: Sequence[int], is_positive: Sequence[bool]) -> None:
+        self.moments, self.partner, self.is_positive = moments, partner, is_positive
+        self.rows = BatchRows()
+        self.waiting: list[dict[int, torch.Tensor]] = [{} for _ in range(moments.num_slots)]
+
+    def begin(self, batch: TokenBatch) -> None:
+        self.rows.begin(batch)
+
+    def hook(self, slot: int) -> Callable:
+        def add_pairs(module: nn.Module, args: tuple, output) -> None:
+            batch = self.rows.batch
+            hidden = block_output(unflatten_rows(output, batch.num_rows))
+            rows = self.rows.select(hidden).cpu()  # the moments are summed in C, on the host
+            waiting, extra, pos, neg = self.waiting[slot], [], [], []
+            for r, row_id in enumerate(batch.row_ids.tolist()):
+                partner = self.partner[row_id]
+                if partner in waiting:
+                    extra.append(waiting.pop(partner))
+                    other = batch.num_rows + len(extra) - 1
+                    pos.append(r if self.is_positive[row_id] else other)
+                    neg.append(other if self.is_positive[row_id] else r)
+                else:
+                    waiting[row_id] = rows[r].clone()
+            if pos:
+                self.moments.add(slot, torch.cat([rows, *[e[None] for e in extra]]) if extra else rows,
+                                 torch.tensor(pos), torch.tensor(neg))
+        return add_pairs
+
+    def check_complete(self) -> None:
+        if any(self.waiting):
+            raise RuntimeError("internal error: some pair members never met their partner")
 
 
 class _Unflattening:
@@ -57,6 +100,7 @@ def accumulate_batches(
     unflatten: bool = False,
     reduce_on: str = "auto",
     total_rows: int = 0,
+    moments: PairMomentHooks | None = None,
 ) -> DeviceReducer:
     """Run every batch through ``model``, adding outputs of ``blocks[slot]`` to ``slot``.
 
@@ -66,7 +110,8 @@ def accumulate_batches(
     into ``accumulator`` at the end. ``total_rows``: rows in all batches, for choosing the
     device path's separation sample ahead. ``unflatten``: the hooked modules may return
     ``[batch * seq, hidden]`` (OPT's MLP does); view such outputs as ``[batch, seq, hidden]``.
-    Returns the DeviceReducer (its ``samples(slot)`` for slots reduced on a device).
+    ``moments``: also feed second moments of the paired differences (rows must come in
+    ``pair_order``). Returns the DeviceReducer (its ``samples(slot)`` for slots reduced on a device).
     """
     device = input_device(model)
     deepest = deepest_module(model, blocks)
@@ -79,14 +124,22 @@ def accumulate_batches(
         hooks = [_core.CaptureHook(accumulator, slot, stop=slot == deepest, device_rows=device_rows)
                  for slot in range(len(blocks))]
     callables = [_Unflattening(hook, accumulator) for hook in hooks] if unflatten else hooks
-    with exclusive_use(model), eval_mode(model), forward_hooks(zip(blocks, callables)), torch.inference_mode():
+    # The moment hooks go first: the deepest capture hook ends the forward by raising.
+    pairs = list(zip(blocks, callables))
+    if moments is not None:
+        pairs = [(block, moments.hook(slot)) for slot, block in enumerate(blocks)] + pairs
+    with exclusive_use(model), eval_mode(model), forward_hooks(pairs), torch.inference_mode():
         try:
             for batch in batches:
+                if moments is not None:
+                    moments.begin(batch)
                 _run_batch(model, batch, device, accumulator, hooks, reducer)
                 if on_batch is not None:
                     on_batch(batch)
         finally:
             accumulator.clear_batch()
+    if moments is not None:
+        moments.check_complete()
     reducer.merge_into(accumulator)
     return reducer
 

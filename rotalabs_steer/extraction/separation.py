@@ -40,9 +40,13 @@ def projection_figures(positive: np.ndarray, negative: np.ndarray) -> dict[str, 
 
 
 def held_out_projections(fold_sums: np.ndarray, fold_counts: np.ndarray, rows: np.ndarray,
-                         row_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                         row_groups: np.ndarray, direction: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of sampled positive and negative rows: each row projected onto the unit vector
-    of the other folds, centred on their midpoint (positive scores lean positive)."""
+    of the other folds, centred on their midpoint (positive scores lean positive).
+
+    ``direction`` (a unit vector) replaces the per-fold mean-difference directions, for
+    methods whose direction has no per-fold statistics; the midpoints stay held out."""
     folds = fold_sums.shape[0] // 2
     if len(rows) == 0 or folds < 2:
         return np.zeros(0), np.zeros(0)
@@ -50,9 +54,12 @@ def held_out_projections(fold_sums: np.ndarray, fold_counts: np.ndarray, rows: n
     pos_counts, neg_counts = fold_counts[0::2].astype(np.float64), fold_counts[1::2].astype(np.float64)
     pos_rest = (pos_sums.sum(0) - pos_sums) / np.maximum(pos_counts.sum() - pos_counts, 1)[:, None]
     neg_rest = (neg_sums.sum(0) - neg_sums) / np.maximum(neg_counts.sum() - neg_counts, 1)[:, None]
-    directions = pos_rest - neg_rest
-    norms = np.linalg.norm(directions, axis=1, keepdims=True)
-    units = np.divide(directions, norms, out=np.zeros_like(directions), where=norms > 0)
+    if direction is None:
+        directions = pos_rest - neg_rest
+        norms = np.linalg.norm(directions, axis=1, keepdims=True)
+        units = np.divide(directions, norms, out=np.zeros_like(directions), where=norms > 0)
+    else:
+        units = np.broadcast_to(direction, pos_rest.shape)
     midpoints = (pos_rest + neg_rest) / 2
     fold, side = row_groups // 2, row_groups % 2
     scores = np.einsum("nh,nh->n", rows - midpoints[fold], units[fold])
