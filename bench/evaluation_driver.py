@@ -3,8 +3,10 @@
     python evaluation_driver.py JOB.json RESULT.json
 
 JOB: ``model_dir`` (a saved model and tokenizer), ``vector_file`` (``torch.save`` of
-``{"vector", "layer", "behavior"}``), ``prompts``, ``strengths`` and ``threads``; responses are
-the reference's default 150 new tokens at most (its sweep has no option for it). It calls
+``{"vector", "layer", "behavior"}``), ``prompts``, ``strengths``, ``threads`` and optionally
+``max_new_tokens``. The sweep has no option for the length of a response: both packages take the
+default of their generation function (150 new tokens), so the driver lowers that default when
+asked (the only patch, the same in both). It calls
 ``rotalabs_steer.evaluation.strength_sweep`` with ``is_refusal`` as the behaviour test, records
 every response it classifies, and writes the rows, the responses per strength, the wall time of
 the sweep, and which package ran. The script only uses names both packages export, so the
@@ -30,6 +32,15 @@ def main(job_path: str, result_path: str) -> None:
     from rotalabs_steer import SteeringVector
     from rotalabs_steer.evaluation import is_refusal, strength_sweep
 
+    if "max_new_tokens" in job:
+        import rotalabs_steer.evaluation.metrics as metrics
+
+        # The reference generates with generate_response, this package with generate_responses;
+        # max_new_tokens is the first default of either.
+        for name in ("generate_response", "generate_responses"):
+            function = getattr(metrics, name, None)
+            if function is not None:
+                function.__defaults__ = (int(job["max_new_tokens"]),) + function.__defaults__[1:]
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     saved = torch.load(job["vector_file"])
