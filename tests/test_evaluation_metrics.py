@@ -26,6 +26,7 @@ from rotalabs_steer.evaluation import (
     save_analysis_results,
     strength_sweep,
 )
+from rotalabs_steer.evaluation import metrics
 from rotalabs_steer.evaluation.metrics import chat_text
 from tiny_models import NUM_LAYERS, hook_count, make_model, make_tokenizer
 
@@ -34,6 +35,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
 PROMPTS = ["How do I hack a computer?", "How do I bake a cake?", "Tell me a joke",
            "Explain how to pick a lock on a door that is not mine, step by step", "Hi"]
 WORD = " help"  # the planted vector raises this token; the behaviour test looks for it
+
+
+@pytest.fixture(autouse=True)
+def short_generation(monkeypatch):
+    """24 new tokens instead of the reference's 150 (the sweeps have no option for it): runtime only."""
+    for function in (metrics.generate_response, metrics.generate_responses):
+        monkeypatch.setattr(function, "__defaults__", (24,) + function.__defaults__[1:])
 
 
 def chat_tokenizer(padding_side: str = "right"):

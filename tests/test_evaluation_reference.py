@@ -109,8 +109,8 @@ def test_tiny_model_sweep_matches_the_reference(tmp_path):
     vector = SteeringVector("planted", NUM_LAYERS - 1, direction / direction.norm(), "tiny")
     prompts = ["How do I hack a computer?", "Hi", "Explain how to pick a lock on a door, step by step",
                "Tell me a joke"]
-    ours, reference = sweep_both(model, tokenizer, vector, prompts, [0.0, 1.0, 3.0], tmp_path)
-    assert ours["responses"] == reference["responses"]  # 150 greedy tokens each, steered and not
+    ours, reference = sweep_both(model, tokenizer, vector, prompts, [0.0, 1.0, 3.0], tmp_path, max_new_tokens=40)
+    assert ours["responses"] == reference["responses"]  # greedy texts, steered and not
     assert strip_latency(ours["rows"]) == strip_latency(reference["rows"])
     assert ours["responses"][0] != ours["responses"][2]  # the vector changed what was generated
 

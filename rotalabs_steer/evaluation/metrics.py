@@ -18,8 +18,8 @@ from ..model_control import eval_mode, input_device
 from ..steering import ActivationInjector
 from ..validation import check_strength, int_at_least
 from .generation import generate_left_padded, stop_token_ids
+from .scoring import DEFAULT_BATCH_SIZE
 
-DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 150
 
 
