@@ -224,5 +224,5 @@ def _heuristic_coherence(response: str) -> float:
         return 0.0
     length_score = 0.5 if len(response) < 20 else 0.7 if len(response) > 2000 else 1.0
     letters = sum(c.isalpha() or c.isspace() for c in response) / len(response)
-    score = 0.4 * len(set(words)) / len(words) + 0.3 * length_score + 0.3 * letters
+    score = 0.4 * (len(set(words)) / len(words)) + 0.3 * length_score + 0.3 * letters
     return min(max(score, 0.0), 1.0)
