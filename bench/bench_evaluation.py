@@ -138,7 +138,8 @@ def main() -> None:
     ours_times = [r["seconds"] for r in results["ours"]]
     summary = {
         "command": "python bench/bench_evaluation.py " + " ".join(sys.argv[1:]),
-        "job": job, "repeat": args.repeat,
+        "job": {k: v for k, v in job.items() if k not in ("model_dir", "vector_file")},  # temporary paths
+        "repeat": args.repeat,
         "reference_rates": [row["behavior_rate"] for row in ref["rows"]],
         "ours_rates": [row["behavior_rate"] for row in ours["rows"]],
         "same_texts_per_strength": [sum(a == b for a, b in zip(x, y))
