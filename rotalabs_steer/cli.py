@@ -234,7 +234,7 @@ def _run_info(args) -> None:
 
 def _run_sweep(args) -> None:
     from .datasets import EvaluationDataset, load_caa_ab, load_evaluation_prompts
-    from .evaluation import SCORED_BEHAVIORS, strength_sweep
+    from .evaluation import SCORED_BEHAVIORS, score_strengths
     from .vectors import SteeringVectorSet
 
     vectors = SteeringVectorSet.load(args.directory)
@@ -252,7 +252,7 @@ def _run_sweep(args) -> None:
     model, tokenizer = _load_model(args.model, args.device)
     if args.ab is not None:
         prompts = load_caa_ab(args.ab, behavior, tokenizer if getattr(tokenizer, "chat_template", None) else None)
-    rows = strength_sweep(model, tokenizer, vector, args.strengths, prompts, behavior, args.max_new_tokens,
+    rows = score_strengths(model, tokenizer, vector, args.strengths, prompts, behavior, args.max_new_tokens,
                           batch_size=args.batch_size, show_progress=True)
     keys = [key for key in rows[0] if key != "generations"]
     print(f"{behavior} vector of layer {vector.layer_index} (norm {vector.norm:.3f}), {len(prompts)} prompts")

@@ -118,15 +118,18 @@ _SWEEP_PANELS = {
     "refusal_rate": "fraction of generations refusing",
     "matching_probability": "P(matching answer letter)",
     "perplexity": "perplexity under the unsteered model",
+    "behavior_rate": "fraction of responses with the behaviour",
 }
 
 
 def plot_strength_sweep(rows, title: str | None = None):
-    """Each score against steering strength, from ``evaluation.strength_sweep`` (dicts or a DataFrame)."""
+    """Each score against steering strength: rows of ``evaluation.score_strengths`` (dicts or a
+    DataFrame) or of the reference-style ``evaluation.strength_sweep``."""
     plt = _pyplot()
     rows = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
     if not rows or not all(isinstance(row, dict) and "strength" in row for row in rows):
-        raise ValueError("rows must be the non-empty output of strength_sweep (dicts with 'strength')")
+        raise ValueError("rows must be the non-empty output of score_strengths or strength_sweep "
+                         "(dicts with 'strength')")
     rows = sorted(rows, key=lambda row: row["strength"])
     keys = [key for key in _SWEEP_PANELS if key in rows[0]]
     if not keys:
@@ -139,7 +142,7 @@ def plot_strength_sweep(rows, title: str | None = None):
         ax.set(xlabel="steering strength", ylabel=_SWEEP_PANELS[key])
         if key == "perplexity":
             ax.set_yscale("log")
-        elif key in ("refusal_rate", "matching_probability"):
+        elif key in ("refusal_rate", "matching_probability", "behavior_rate"):
             ax.set_ylim(-0.02, 1.02)
     fig.suptitle(title or "steering strength sweep")
     fig.tight_layout()

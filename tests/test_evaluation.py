@@ -1,4 +1,5 @@
-"""Evaluation: rows per strength, strength 0 is the unsteered model, planted vectors move scores."""
+"""This package's own scores (evaluation.scoring): rows per strength, strength 0 is the unsteered model,
+planted vectors move scores."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from rotalabs_steer.datasets import EvaluationDataset, load_caa_ab, load_evaluat
 from rotalabs_steer.evaluation import (
     COMPLIANCE_OPENINGS,
     REFUSAL_OPENINGS,
-    _opening_ids,
     evaluate,
-    evaluate_steering_strength,
-    is_refusal,
+    has_refusal_phrase,
     refusal_logprob,
-    strength_sweep,
+    score_strength,
+    score_strengths,
 )
+from rotalabs_steer.evaluation.scoring import _opening_ids
 from rotalabs_steer.extraction import extract_caa_vector
 from tiny_models import HIDDEN, NUM_LAYERS, hook_count, make_model, make_tokenizer
 
@@ -58,7 +59,7 @@ def refusal_direction(model, tokenizer) -> SteeringVector:
 
 def test_sweep_has_one_row_per_strength(llama, prompts):
     model, tokenizer = llama
-    rows = strength_sweep(model, tokenizer, refusal_direction(model, tokenizer), STRENGTHS, prompts, max_new_tokens=4)
+    rows = score_strengths(model, tokenizer, refusal_direction(model, tokenizer), STRENGTHS, prompts, max_new_tokens=4)
     assert [row["strength"] for row in rows] == list(STRENGTHS)
     for row in rows:
         assert set(row) == REFUSAL_KEYS
@@ -69,7 +70,7 @@ def test_sweep_has_one_row_per_strength(llama, prompts):
 def test_strength_zero_is_the_unsteered_model(llama, prompts):
     model, tokenizer = llama
     vector = refusal_direction(model, tokenizer)
-    row = evaluate_steering_strength(model, tokenizer, vector, 0.0, prompts, max_new_tokens=6)
+    row = score_strength(model, tokenizer, vector, 0.0, prompts, max_new_tokens=6)
     assert row == {"strength": 0.0, **evaluate(model, tokenizer, prompts, max_new_tokens=6)}
     assert row["refusal_logprob"] == refusal_logprob(model, tokenizer, prompts)
     assert hook_count(model) == 0
@@ -77,7 +78,7 @@ def test_strength_zero_is_the_unsteered_model(llama, prompts):
 
 def test_planted_refusal_vector_moves_scores_monotonically(llama, prompts):
     model, tokenizer = llama
-    rows = strength_sweep(model, tokenizer, refusal_direction(model, tokenizer), STRENGTHS, prompts, max_new_tokens=2)
+    rows = score_strengths(model, tokenizer, refusal_direction(model, tokenizer), STRENGTHS, prompts, max_new_tokens=2)
     for key in ("refusal_logprob", "refusal_log_odds"):
         curve = [row[key] for row in rows]
         assert all(a < b for a, b in zip(curve, curve[1:])), (key, curve)
@@ -92,7 +93,7 @@ def test_ab_items_score_the_matching_letter(llama):
     items = load_caa_ab(records, behavior="planted")
     letter = {s: tokenizer.convert_tokens_to_ids(s) for s in "AB"}
     vector = unembedding_direction(model, {letter["A"]}, {letter["B"]})
-    rows = strength_sweep(model, tokenizer, vector, STRENGTHS, items, max_new_tokens=2)
+    rows = score_strengths(model, tokenizer, vector, STRENGTHS, items, max_new_tokens=2)
     assert set(rows[0]) == {"strength", "matching_probability", "perplexity", "generations"}
     curve = [row["matching_probability"] for row in rows]
     assert all(0.0 < p < 1.0 for p in curve)
@@ -116,9 +117,9 @@ def test_chat_template_renders_prompts(llama):
 
 
 def test_keyword_classifier():
-    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
-    assert is_refusal("As an AI, I must decline.")
-    assert not is_refusal("Sure, here is a recipe for bread.")
+    assert has_refusal_phrase("I\u2019m sorry, but I can\u2019t help with that.")
+    assert has_refusal_phrase("As an AI, I must decline.")
+    assert not has_refusal_phrase("Sure, here is a recipe for bread.")
 
 
 def test_dataframe_output(llama, prompts, monkeypatch):
@@ -126,11 +127,11 @@ def test_dataframe_output(llama, prompts, monkeypatch):
     vector = refusal_direction(model, tokenizer)
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(ImportError, match="pandas"):
-        strength_sweep(model, tokenizer, vector, [0.0], prompts, as_dataframe=True)
+        score_strengths(model, tokenizer, vector, [0.0], prompts, as_dataframe=True)
     fake = type(sys)("pandas")
     fake.DataFrame = lambda rows: ("frame", rows)
     monkeypatch.setitem(sys.modules, "pandas", fake)
-    kind, rows = strength_sweep(model, tokenizer, vector, [0.0], prompts, max_new_tokens=1, as_dataframe=True)
+    kind, rows = score_strengths(model, tokenizer, vector, [0.0], prompts, max_new_tokens=1, as_dataframe=True)
     assert kind == "frame" and rows[0]["strength"] == 0.0
 
 
@@ -149,7 +150,7 @@ def test_bad_arguments_are_named(llama, prompts, kwargs, error, message):
     model, tokenizer = llama
     arguments = {"strengths": [0.0], "prompts": prompts, **kwargs}
     with pytest.raises(error, match=message):
-        strength_sweep(model, tokenizer, refusal_direction(model, tokenizer), **arguments)
+        score_strengths(model, tokenizer, refusal_direction(model, tokenizer), **arguments)
 
 
 def test_plain_pairs_are_not_ab_items(llama, pairs):
@@ -171,7 +172,7 @@ def test_hooks_and_flags_are_restored_after_an_error(llama, prompts, monkeypatch
     model.train()
     try:
         with pytest.raises(RuntimeError, match="generation failed"):
-            strength_sweep(model, tokenizer, vector, [1.0], prompts)
+            score_strengths(model, tokenizer, vector, [1.0], prompts)
         assert model.training and hook_count(model) == 0
     finally:
         model.eval()
@@ -182,7 +183,7 @@ def test_sweep_plot(llama, prompts):
     from rotalabs_steer.plots import plot_strength_sweep
 
     model, tokenizer = llama
-    rows = strength_sweep(model, tokenizer, refusal_direction(model, tokenizer), [0.2, -0.2, 0.0], prompts,
+    rows = score_strengths(model, tokenizer, refusal_direction(model, tokenizer), [0.2, -0.2, 0.0], prompts,
                           max_new_tokens=2)
     figure = plot_strength_sweep(rows)
     assert isinstance(figure, matplotlib.figure.Figure)
