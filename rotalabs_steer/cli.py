@@ -171,6 +171,8 @@ def _parser() -> _Parser:
                        help="layer of the vector (default: the best held-out separation)")
     sweep.add_argument("--strengths", type=_strength_list, default=[-4.0, 0.0, 4.0], metavar="S,S,...",
                        help="comma list of strengths (default: -4,0,4)")
+    sweep.add_argument("--relative", action="store_true",
+                       help="strengths in units of the layer's mean activation norm (e.g. -0.3,0,0.3)")
     sweep.add_argument("--behavior", metavar="NAME",
                        help="what to score and whose held-out prompts to use (default: the set's behaviour)")
     prompts = sweep.add_mutually_exclusive_group()
@@ -239,6 +241,9 @@ def _run_sweep(args) -> None:
 
     vectors = SteeringVectorSet.load(args.directory)
     vector = _pick_vector(vectors, args.layer)
+    if args.relative and not isinstance(vector.metadata.get("activation_norm"), (int, float)):
+        raise _UsageError(f"--relative: the layer-{vector.layer_index} vector in {args.directory} records no "
+                          "activation_norm (extract it again with this version)")
     behavior = args.behavior or vectors.behavior
     # Inputs are checked before the model loads, which takes longest.
     for option, path in (("--prompts", args.prompts), ("--ab", args.ab)):
@@ -253,7 +258,7 @@ def _run_sweep(args) -> None:
     if args.ab is not None:
         prompts = load_caa_ab(args.ab, behavior, tokenizer if getattr(tokenizer, "chat_template", None) else None)
     rows = score_strengths(model, tokenizer, vector, args.strengths, prompts, behavior, args.max_new_tokens,
-                          batch_size=args.batch_size, show_progress=True)
+                           batch_size=args.batch_size, show_progress=True, relative=args.relative)
     keys = [key for key in rows[0] if key != "generations"]
     print(f"{behavior} vector of layer {vector.layer_index} (norm {vector.norm:.3f}), {len(prompts)} prompts")
     print(_table(keys, [[row[key] for key in keys] for row in rows]))

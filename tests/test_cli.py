@@ -112,6 +112,21 @@ def test_sweep_on_own_prompts_and_ab_items(model_dir, vectors_dir, tmp_path, cap
     assert out.splitlines()[1].split() == ["strength", "matching_probability", "perplexity"]
 
 
+def test_sweep_with_relative_strengths(model_dir, vectors_dir, tmp_path, capsys):
+    """--relative reads strengths in activation norms: 0.5 of the norm is the same sweep as the
+    absolute strength 0.5 x activation_norm / |v|."""
+    EvaluationDataset("refusal", load_evaluation_prompts("refusal")[:2]).save(tmp_path / "prompts.json")
+    vector = SteeringVectorSet.load(vectors_dir)[3]
+    absolute = 0.5 * vector.metadata["activation_norm"] / vector.norm
+    common = ["--model", model_dir, "--layer", "3", "--prompts", tmp_path / "prompts.json", "--max-new-tokens", "2"]
+    status, relative_out, _ = run(capsys, "sweep", vectors_dir, "--relative", "--strengths", "0.5", *common)
+    assert status == 0
+    status, absolute_out, _ = run(capsys, "sweep", vectors_dir, "--strengths", f"{absolute!r}", *common)
+    assert status == 0
+    relative_row, absolute_row = relative_out.splitlines()[2].split()[1:], absolute_out.splitlines()[2].split()[1:]
+    assert relative_row == absolute_row
+
+
 def test_export_gguf(vectors_dir, tmp_path, capsys):
     status, out, _ = run(capsys, "export-gguf", vectors_dir, tmp_path / "refusal.gguf", "--model-hint", "llama")
     assert status == 0 and "direction.1, direction.2, direction.3" in out
