@@ -71,7 +71,8 @@ def sweep_both(model, tokenizer, vector: SteeringVector, prompts, strengths, tmp
     (tmp_path / "job.json").write_text(json.dumps(job))
     run_reference([str(DRIVER), "job.json", "reference.json"], tmp_path)
     reference = json.loads((tmp_path / "reference.json").read_text())
-    assert "rotalabs_steer" in reference["package"] and str(REPO) not in reference["package"]
+    # the reference's own installed copy, not this source tree (its venv may live inside the repo)
+    assert "site-packages" in reference["package"] and str(REPO / "rotalabs_steer") not in reference["package"]
 
     seen: list[str] = []
 
