@@ -21,9 +21,10 @@ from ..model_control import input_embeddings
 from ..progress import progress_bar
 from ..validation import as_int, check_choice, int_at_least, layer_in_range
 from ..vectors import SteeringVector, SteeringVectorSet
-from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, tokenize
+from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, pad_token_id, tokenize
 from .distributed import all_reduce_state, gather_samples, rank_and_size, resolve_group, share_of_rows
-from .forward import REDUCE_ON, accumulate_batches
+from . import shared_prefix
+from .forward import REDUCE_ON
 from .separation import DEFAULT_FOLDS, fold_of_pairs, held_out_projections, projection_figures
 
 TokenPosition = Literal["last", "first", "mean", "answer"]
@@ -46,6 +47,7 @@ def extract_caa_vector(
     component: str = "residual",
     process_group=None,
     reduce_on: str = "auto",
+    share_prefix: bool | None = None,
 ) -> SteeringVector:
     """Extract the CAA steering vector of one layer (the output of decoder block ``layer_idx``).
 
@@ -55,7 +57,7 @@ def extract_caa_vector(
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
     vectors = _extract(model, tokenizer, contrast_pairs, as_int(layer_idx, "layer_idx"), token_position,
                        show_progress, batch_size, max_length, layer_modules, separation_sample,
-                       component, process_group, reduce_on, single_layer=True)
+                       component, process_group, reduce_on, share_prefix, single_layer=True)
     return next(iter(vectors))
 
 
@@ -74,6 +76,7 @@ def extract_caa_vectors(
     component: str = "residual",
     process_group=None,
     reduce_on: str = "auto",
+    share_prefix: bool | None = None,
 ) -> SteeringVectorSet:
     """Extract CAA steering vectors for several layers in one pass over the pairs.
 
@@ -103,15 +106,19 @@ def extract_caa_vectors(
             host, with torch on the device for an accelerator's, with no host sync between
             batches), ``"host"`` (C only: an accelerator's tensors are an error), or
             ``"device"`` (torch on the tensors' own device, host tensors included).
+        share_prefix: run the tokens both texts of a pair begin with once, then both endings
+            from its KV cache (``shared_prefix.py``). ``None`` (default): wherever it pays;
+            ``False``: never. ``metadata["shared_prefix*"]`` records what was done and why not.
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, token_position,
                     show_progress, batch_size, max_length, layer_modules, separation_sample,
-                    component, process_group, reduce_on)
+                    component, process_group, reduce_on, share_prefix)
 
 
 def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
              show_progress, batch_size, max_length, layer_modules, separation_sample,
-             component, process_group, reduce_on, single_layer: bool = False) -> SteeringVectorSet:
+             component, process_group, reduce_on, share_prefix=None, single_layer: bool = False
+             ) -> SteeringVectorSet:
     """``single_layer``: ``layer_indices`` is ``extract_caa_vector``'s one ``layer_idx``."""
     check_choice(token_position, TOKEN_POSITIONS, "token_position")
     check_choice(component, COMPONENTS, "component")
@@ -119,6 +126,8 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
     batch_size = int_at_least(batch_size, "batch_size", 1)
     max_length = int_at_least(max_length, "max_length", 1)
     separation_sample = int_at_least(separation_sample, "separation_sample", 0)
+    if share_prefix not in (None, True, False):
+        raise TypeError(f"share_prefix must be None, True or False, got {share_prefix!r}")
     if not isinstance(show_progress, bool):
         raise TypeError(f"show_progress must be a bool, got {show_progress!r}; batch_size and the "
                         "options after it are keyword-only in extract_caa_vectors (batch_size=...)")
@@ -149,20 +158,17 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
     ranks = resolve_group(process_group)
     rank, world_size = rank_and_size(ranks)
     mine = share_of_rows([len(row) for row in token_ids], ranks)
-    batches = make_batches([token_ids[i] for i in mine], [row_groups[i] for i in mine], token_position,
-                           batch_size, pad_token_id(tokenizer),
-                           None if read_indices is None else [read_indices[i] for i in mine])
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
     show_progress = show_progress and rank == 0
     with progress_bar(total=len(mine), unit="text", desc=f"CAA layers {layers}", show=show_progress) as bar:
-        reducer = None
+        reducer, prefix_info = None, {}
         if mine:
-            reducer = accumulate_batches(model, modules, batches, accumulator,
-                                         on_batch=lambda batch: bar.update(batch.num_rows),
-                                         unflatten=component != "residual", reduce_on=reduce_on,
-                                         total_rows=len(mine))
+            reducer, prefix_info = shared_prefix.accumulate(
+                model, modules, token_ids, row_groups, read_indices, mine, token_position, batch_size,
+                pad_token_id(tokenizer), accumulator, bar.update, component != "residual", reduce_on,
+                share_prefix, distributed=ranks is not None)
     if ranks is not None:
         all_reduce_state(accumulator, ranks)
 
@@ -172,6 +178,7 @@ def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int
     for slot, layer in enumerate(layers):
         vector = _make_vector(sums[slot], counts[slot], layer, behavior, model_name, token_position,
                               len(pairs), batch_size, model, component)
+        vector.metadata.update(prefix_info)
         if ranks is not None:
             vector.metadata["world_size"] = world_size
         if accumulator.sample_rows:
