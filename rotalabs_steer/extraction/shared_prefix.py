@@ -36,9 +36,10 @@ from ..model_control import block_output, deepest_module, eval_mode, exclusive_u
 from .batching import make_batches
 from .forward import accumulate_batches
 
-# Measured on SmolLM2-135M (CPU, bench/bench_prefix.py): below a few tokens the extra forward
-# per batch and the cache copy cost more than the prefix tokens saved.
-MIN_SHARED_TOKENS = 8
+# Measured on SmolLM2-135M (CPU, 1 thread, batch_size=16, 48 pairs with ~8-token suffixes,
+# shared/plain time over two runs): 2 tokens 0.87-1.03, 4 tokens 0.76-0.90, 8 tokens 0.67-0.91,
+# 32 tokens 0.58-0.69. Below 4 the extra forward and the cache copy eat the saving.
+MIN_SHARED_TOKENS = 4
 
 
 @dataclass
@@ -135,6 +136,8 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
     ``accumulate_batches``. Returns (DeviceReducer or None, metadata dict)."""
     num_pairs = len(token_ids) // 2
     reason = "share_prefix=False" if share_prefix is False else fallback_reason(model, reduce_on, distributed)
+    if reason is None and pad_id is None:
+        reason = "tokenizer has no pad or eos token"  # the plain path says what to do about it
     shared: list[_Shared] = []
     rest = list(rows)
     if reason is None:
@@ -214,7 +217,7 @@ def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: lis
                 token_position: str, batch_size: int, pad_id: int | None, accumulator: _core.Accumulator,
                 on_rows, unflatten: bool) -> None:
     cache_keyword = _cache_keyword(model)
-    pad = pad_id if pad_id is not None else 0  # padded positions are masked: any valid id does
+    pad = pad_id
     slots = len(modules)
     dispatch = _Dispatch(slots, deepest_module(model, modules), unflatten)
     # Suffix rows per forward: batch_size, but a pair's two suffixes always together.
