@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sample", type=Path, default=None, help="CAA A/B JSON sample (optional workload)")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="workload names to run (default: all)")
     parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -101,6 +102,8 @@ def main() -> None:
     systems = [s for s in SYSTEMS if not (args.skip_reference and s == "reference")]
     rows = []
     for name, pairs in workloads(args.ab_items, args.sample, tokenizer).items():
+        if args.only is not None and name not in args.only:
+            continue
         pairs_file = runs / f"{name}.json"
         pairs_file.write_text(json.dumps(pairs))
         per_round = []
