@@ -229,3 +229,24 @@ def test_rows_read_once():
         assert meta["shared_prefix_pairs"] == len(pairs)
         assert np.isfinite(meta["vector_norm"])
     assert caa.shared_prefix is shared_prefix
+
+
+@pytest.mark.parametrize("name", sorted(__import__("arch_zoo").ARCHITECTURES))
+def test_architecture_zoo_shared_or_recorded_fallback(name):
+    """Every family: either the shared path runs and matches float64 truth, or the plain path
+    runs and the metadata says why; OPT's offset positions and flattened MLP rows included."""
+    from arch_zoo import ARCHITECTURES, BLOCK_PATHS
+
+    model, tokenizer = ARCHITECTURES[name](), make_tokenizer()
+    pairs = chat_like_pairs()[:3]
+    blocks = f"{BLOCK_PATHS[name]}.{{i}}"
+    for position in ("last", "mean"):
+        truth = caa_truth(model, tokenizer, pairs, LAYERS, position)
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False,
+                                      batch_size=4, share_prefix=True, layer_modules=blocks)
+        meta = vectors.get(LAYERS[0]).metadata
+        assert meta["shared_prefix"] is (meta["shared_prefix_fallback"] is None), meta
+        for layer in LAYERS:
+            error = relative_error(vectors.get(layer).vector, truth[layer])
+            assert error <= TOLERANCE, f"{name} {position} layer {layer}: {error:.2e} ({meta['shared_prefix_fallback']})"
+    assert hook_count(model) == 0
