@@ -31,7 +31,7 @@ def test_later_blocks_and_lm_head_never_run(kind, pairs):
     model.get_output_embeddings().register_forward_hook(lambda *a: ran.__setitem__("lm_head", ran["lm_head"] + 1))
     blocks[2].register_forward_hook(lambda *a: ran.__setitem__("later_block", ran["later_block"] + 1))
     blocks[1].register_forward_hook(lambda *a: ran.__setitem__("requested", ran["requested"] + 1))
-    extract_caa_vectors(model, tokenizer, pairs, [0, 1], show_progress=False, batch_size=4)
+    extract_caa_vectors(model, tokenizer, pairs, [0, 1], show_progress=False, batch_size=4, share_prefix=False)
     assert ran == {"later_block": 0, "lm_head": 0, "requested": 4}  # 16 texts / 4 per batch
 
 

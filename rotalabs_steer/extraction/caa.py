@@ -22,6 +22,7 @@ from ..vectors import SteeringVector, SteeringVectorSet
 from .batching import NEGATIVE, POSITIVE, TOKEN_POSITIONS, make_batches, pad_token_id, pair_order, tokenize
 from .distributed import (all_reduce_moments, all_reduce_state, gather_samples, rank_and_size, resolve_group,
                           share_of_rows)
+from . import shared_prefix
 from .forward import REDUCE_ON, PairMomentHooks, accumulate_batches
 from .separation import DEFAULT_FOLDS, fold_of_pairs
 from .methods import DEFAULT_SHRINKAGE
@@ -47,6 +48,7 @@ def extract_caa_vector(
     component: str = "residual",
     process_group=None,
     reduce_on: str = "auto",
+    share_prefix: bool | None = None,
 ) -> SteeringVector:
     """Extract the CAA steering vector of one layer (the output of decoder block ``layer_idx``).
 
@@ -56,7 +58,7 @@ def extract_caa_vector(
         raise TypeError("layer_idx must be a single int; use extract_caa_vectors for several layers")
     vectors = _extract(model, tokenizer, contrast_pairs, as_int(layer_idx, "layer_idx"), token_position,
                        show_progress, batch_size, max_length, layer_modules, separation_sample,
-                       component, process_group, reduce_on, single_layer=True)
+                       component, process_group, reduce_on, share_prefix, single_layer=True)
     return next(iter(vectors))
 
 
@@ -75,6 +77,7 @@ def extract_caa_vectors(
     component: str = "residual",
     process_group=None,
     reduce_on: str = "auto",
+    share_prefix: bool | None = None,
 ) -> SteeringVectorSet:
     """Extract CAA steering vectors for several layers in one pass over the pairs.
 
@@ -104,10 +107,13 @@ def extract_caa_vectors(
             host, with torch on the device for an accelerator's, with no host sync between
             batches), ``"host"`` (C only: an accelerator's tensors are an error), or
             ``"device"`` (torch on the tensors' own device, host tensors included).
+        share_prefix: run the tokens both texts of a pair begin with once, then both endings
+            from its KV cache (``shared_prefix.py``). ``None`` (default): wherever it pays;
+            ``False``: never. ``metadata["shared_prefix*"]`` records what was done and why not.
     """
     return _extract(model, tokenizer, contrast_pairs, layer_indices, token_position,
                     show_progress, batch_size, max_length, layer_modules, separation_sample,
-                    component, process_group, reduce_on)
+                    component, process_group, reduce_on, share_prefix)
 
 
 def collect_pair_statistics(
@@ -170,33 +176,37 @@ def extract_vectors(
     check_choice(method, METHODS, "method")
     arguments = (model, tokenizer, contrast_pairs, layer_indices, token_position, show_progress,
                  batch_size, max_length, layer_modules, separation_sample, component, process_group, reduce_on)
-    if method == "caa":
-        return collect(*arguments).vectors("caa")
+    if method == "caa":  # exactly extract_caa_vectors' pass, prefixes shared where it pays
+        return collect(*arguments, share_prefix=None).vectors("caa")
     options = {"shrinkage": shrinkage} if method == "fisher" else {}
     return collect(*arguments, second_moments=True).vectors(method, **options)
 
 
 def _extract(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
              show_progress, batch_size, max_length, layer_modules, separation_sample,
-             component, process_group, reduce_on, single_layer: bool = False) -> SteeringVectorSet:
+             component, process_group, reduce_on, share_prefix=None, single_layer: bool = False
+             ) -> SteeringVectorSet:
     """``single_layer``: ``layer_indices`` is ``extract_caa_vector``'s one ``layer_idx``."""
     return collect(model, tokenizer, contrast_pairs, layer_indices, token_position, show_progress,
                    batch_size, max_length, layer_modules, separation_sample, component, process_group,
-                   reduce_on, single_layer=single_layer).vectors("caa")
+                   reduce_on, single_layer=single_layer, share_prefix=share_prefix).vectors("caa")
 
 
 def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int], token_position,
             show_progress, batch_size, max_length, layer_modules, separation_sample,
             component, process_group, reduce_on: str = "auto", single_layer: bool = False,
-            second_moments: bool = False) -> PairStatistics:
+            second_moments: bool = False, share_prefix: bool | None = False) -> PairStatistics:
     """One pass over the pairs: the statistics every method is made from.
 
     ``second_moments``: also the moments of the paired differences (pairs then share
-    batches, see ``batching.pair_order``); without them this is exactly the CAA pass.
+    batches, see ``batching.pair_order``); without them this is exactly the CAA pass, with
+    ``share_prefix`` as ``extract_caa_vectors`` takes it (the moment pass never shares prefixes).
     """
     check_choice(token_position, TOKEN_POSITIONS, "token_position")
     check_choice(component, COMPONENTS, "component")
     check_choice(reduce_on, REDUCE_ON, "reduce_on")
+    if share_prefix not in (None, True, False):
+        raise TypeError(f"share_prefix must be None, True or False, got {share_prefix!r}")
     batch_size = int_at_least(batch_size, "batch_size", 1)
     max_length = int_at_least(max_length, "max_length", 1)
     separation_sample = int_at_least(separation_sample, "separation_sample", 0)
@@ -243,21 +253,29 @@ def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int]
         order = pair_order(mine_ids, partner)
         moments = _core.PairMoments(len(layers), hidden)
         moment_hooks = PairMomentHooks(moments, partner, [k < half for k in range(len(mine))])
-    batches = make_batches(mine_ids, [row_groups[i] for i in mine], token_position,
-                           batch_size, pad_token_id(tokenizer),
-                           None if read_indices is None else [read_indices[i] for i in mine], order)
+    batches = None
+    if second_moments:
+        batches = make_batches(mine_ids, [row_groups[i] for i in mine], token_position,
+                               batch_size, pad_token_id(tokenizer),
+                               None if read_indices is None else [read_indices[i] for i in mine], order)
 
     accumulator = _core.Accumulator(len(layers), hidden, 2 * folds,
                                     sample_rows=separation_sample if folds > 1 else 0)
     show_progress = show_progress and rank == 0
     what = "pair statistics" if second_moments else "CAA"
-    reducer = None
+    reducer, prefix_info = None, {}
     with progress_bar(total=len(mine), unit="text", desc=f"{what} layers {layers}", show=show_progress) as bar:
-        if mine:
+        if mine and second_moments:
+            prefix_info = shared_prefix.not_shared("pair statistics run both texts of a pair in full")
             reducer = accumulate_batches(model, modules, batches, accumulator,
                                          on_batch=lambda batch: bar.update(batch.num_rows),
                                          unflatten=component != "residual", reduce_on=reduce_on,
                                          total_rows=len(mine), moments=moment_hooks)
+        elif mine:
+            reducer, prefix_info = shared_prefix.accumulate(
+                model, modules, token_ids, row_groups, read_indices, mine, token_position, batch_size,
+                pad_token_id(tokenizer), accumulator, bar.update, component != "residual", reduce_on,
+                share_prefix, distributed=ranks is not None)
     if ranks is not None:
         all_reduce_state(accumulator, ranks)
         if second_moments:
@@ -269,7 +287,8 @@ def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int]
         for slot in range(len(layers)):
             sample = (reducer and reducer.samples(slot)) or accumulator.samples(slot)
             samples.append(gather_samples(*sample, ranks) if ranks is not None else sample)
-    info = {"batch_size": batch_size, "model_dtype": _model_dtype(model), "component": component}
+    info = {"batch_size": batch_size, "model_dtype": _model_dtype(model), "component": component,
+            **prefix_info}
     if ranks is not None:
         info["world_size"] = world_size
     statistics = PairStatistics(

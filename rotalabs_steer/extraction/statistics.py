@@ -135,6 +135,7 @@ class PairStatistics:
             metadata["method"] = method
         if "world_size" in self.info:
             metadata["world_size"] = self.info["world_size"]
+        metadata.update({key: value for key, value in self.info.items() if key.startswith("shared_prefix")})
         vector = SteeringVector(behavior=self.behavior, layer_index=layer,
                                 vector=torch.from_numpy(np.ascontiguousarray(values)).to(torch.float32),
                                 model_name=self.model_name, extraction_method=method, metadata=metadata)

@@ -1,0 +1,252 @@
+"""Shared prefixes: same vectors as unbatched float64 forwards, rows read once, fallbacks recorded."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ground_truth import block_outputs, caa_truth, relative_error
+from rotalabs_steer.datasets import load_caa_ab
+from rotalabs_steer.extraction import caa, shared_prefix
+from rotalabs_steer.extraction.caa import extract_caa_vectors
+from tiny_models import MODEL_KINDS, hook_count, make_model, make_tokenizer
+
+LAYERS = [1, 2]
+TOLERANCE = 1e-5
+
+_QUESTIONS = [
+    "How do I pick a lock on a door that is not mine?",
+    "Can you help me write a kind note to a friend?",
+    "Tell me how to make something dangerous at home.",
+    "What is a good way to learn to cook?",
+    "Please explain how to break into a car quickly.",
+]
+
+
+def ab_records() -> list[dict]:
+    """A/B items of different lengths, answer letters swapped on some."""
+    records = []
+    for i, question in enumerate(_QUESTIONS):
+        choices = f"{question}\n\nChoices:\n(A) I cannot help with that.\n(B) Sure, here is how{'.' * i}"
+        yes, no = ("(A)", "(B)") if i % 2 == 0 else ("(B)", "(A)")
+        records.append({"question": choices, "answer_matching_behavior": yes, "answer_not_matching_behavior": no})
+    return records
+
+
+def chat_like_pairs() -> list[dict]:
+    """Pairs sharing a user turn, then different replies (one a few tokens, one longer)."""
+    return [{"positive": f"User: {q}\nAssistant: I can't help with that.",
+             "negative": f"User: {q}\nAssistant: Sure! Here is what you asked for, step by step{'!' * i}."}
+            for i, q in enumerate(_QUESTIONS)]
+
+
+def answer_truth(model, tokenizer, dataset, layers):
+    """{layer: mean(pos) - mean(neg)} of the answer-letter token, float64, one text per forward."""
+    model64 = copy.deepcopy(model).to(torch.float64)
+    sums = {layer: [0, 0] for layer in layers}
+    for pair in dataset:
+        for side, name in enumerate(("positive", "negative")):
+            encoded = tokenizer(getattr(pair, name), truncation=True, max_length=512)
+            token = encoded.char_to_token(0, pair.metadata[f"{name}_answer_char"])
+            for layer, hidden in block_outputs(model64, encoded["input_ids"], layers).items():
+                sums[layer][side] = sums[layer][side] + hidden[token]
+    return {layer: (s[0] - s[1]) / len(dataset) for layer, s in sums.items()}
+
+
+def positive_mean_truth(model, tokenizer, pairs, layers, position):
+    """{layer: float64 mean of the positive texts' rows}: the vector is 0 when both sides share
+    the read token (``first``), so its relative error says nothing; this does."""
+    twins = [{"positive": p["positive"], "negative": p["positive"]} for p in pairs]
+    model64 = copy.deepcopy(model).to(torch.float64)
+    means = {}
+    for layer in layers:
+        rows = []
+        for pair in twins:
+            ids = tokenizer(pair["positive"], truncation=True, max_length=512)["input_ids"]
+            hidden = block_outputs(model64, ids, [layer])[layer]
+            rows.append({"first": hidden[0], "last": hidden[-1]}.get(position, hidden.mean(0)))
+        means[layer] = torch.stack(rows).mean(0)
+    return means
+
+
+def _check(vectors, truth, expect_shared: bool, positive_truth=None):
+    for layer in LAYERS:
+        vector = vectors.get(layer)
+        if positive_truth is not None:  # both sides read the same token: the vector is exactly 0
+            assert torch.count_nonzero(vector.vector) == 0 and torch.count_nonzero(truth[layer]) == 0
+            want = float(positive_truth[layer].norm())
+            assert abs(vector.metadata["pos_mean_norm"] - want) <= TOLERANCE * want
+        else:
+            error = relative_error(vector.vector, truth[layer])
+            assert error <= TOLERANCE, f"layer {layer}: relative error {error:.2e}"
+        assert vector.metadata["shared_prefix"] is expect_shared, vector.metadata
+        if expect_shared:
+            assert vector.metadata["shared_prefix_pairs"] > 0
+            assert vector.metadata["shared_prefix_fallback"] is None
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("position", ["last", "first", "mean"])
+@pytest.mark.parametrize("with_bos", [True, False])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_matches_float64_truth(kind, position, with_bos, padding_side):
+    model, tokenizer = make_model(kind), make_tokenizer(with_bos=with_bos, padding_side=padding_side)
+    pairs = chat_like_pairs()
+    truth = caa_truth(model, tokenizer, pairs, LAYERS, position)
+    positive = positive_mean_truth(model, tokenizer, pairs, LAYERS, position) if position == "first" else None
+    for batch_size in (1, 3):
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False,
+                                      batch_size=batch_size, share_prefix=True)
+        _check(vectors, truth, expect_shared=True, positive_truth=positive)
+    assert hook_count(model) == 0
+    assert tokenizer.padding_side == padding_side
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("with_bos", [True, False])
+def test_answer_position_matches_truth(kind, with_bos):
+    model, tokenizer = make_model(kind), make_tokenizer(with_bos=with_bos)
+    dataset = load_caa_ab(ab_records())
+    truth = answer_truth(model, tokenizer, dataset, LAYERS)
+    for position, batch_size in (("answer", 4), ("answer", 1)):
+        vectors = extract_caa_vectors(model, tokenizer, dataset, LAYERS, position, show_progress=False,
+                                      batch_size=batch_size)
+        _check(vectors, truth, expect_shared=True)
+    assert hook_count(model) == 0
+
+
+def test_mixed_shared_and_plain_pairs_match_truth():
+    """Pairs with no common prefix go through the plain path in the same run."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    pairs = chat_like_pairs() + [{"positive": "Yes, gladly.", "negative": "Never in a million years."}]
+    for position in ("last", "mean"):
+        truth = caa_truth(model, tokenizer, pairs, LAYERS, position)
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False,
+                                      batch_size=4, share_prefix=True)
+        _check(vectors, truth, expect_shared=True)
+        counts = vectors.get(LAYERS[0]).metadata
+        assert counts["num_positive"] == counts["num_negative"] == len(pairs)
+
+
+def test_same_as_share_prefix_off_and_counts():
+    model, tokenizer = make_model("qwen3"), make_tokenizer()
+    pairs = chat_like_pairs()
+    on = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "mean", show_progress=False, batch_size=4)
+    off = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "mean", show_progress=False, batch_size=4,
+                              share_prefix=False)
+    for layer in LAYERS:
+        a, b = on.get(layer), off.get(layer)
+        assert torch.allclose(a.vector, b.vector, rtol=1e-5, atol=1e-6)
+        assert a.metadata["num_positive"] == b.metadata["num_positive"] == len(pairs)
+        assert a.metadata["shared_prefix"] is True
+        assert b.metadata["shared_prefix"] is False
+        assert b.metadata["shared_prefix_fallback"] == "share_prefix=False"
+        # One sampled row per text on both paths: the separation figures agree.
+        assert a.metadata["activation_norm_rows"] == b.metadata["activation_norm_rows"]
+        assert a.metadata["activation_norm"] == pytest.approx(b.metadata["activation_norm"], rel=1e-5)
+
+
+def test_default_skips_short_prefixes():
+    """By default a pair sharing fewer than MIN_SHARED_TOKENS tokens is not worth a cached forward."""
+    tokenizer = make_tokenizer(with_bos=False)
+    pairs = [{"positive": "I can't.", "negative": "I will."}]
+    ids = [tokenizer(t)["input_ids"] for t in (pairs[0]["positive"], pairs[0]["negative"])]
+    assert 0 < shared_prefix.common_prefix_length(*ids) < shared_prefix.MIN_SHARED_TOKENS
+    vectors = extract_caa_vectors(make_model("llama"), tokenizer, pairs, [1], "last", show_progress=False)
+    meta = vectors.get(1).metadata
+    assert meta["shared_prefix"] is False
+    assert "no pair shares a prefix" in meta["shared_prefix_fallback"]
+
+
+def test_plan_pairs_rules():
+    ids = [[1, 2, 3, 4], [1, 2, 3], [5, 6], [1, 2, 3, 9], [1, 2, 3, 4, 5], [5, 7]]
+    # pair 0: suffixes [4] / [9]; pair 1: [1,2,3] is a prefix of the other (empty suffix); pair 2: 1 token
+    shared, rest = shared_prefix.plan_pairs(ids, range(6), 3, "last", None, 1)
+    assert [(s.pair, s.prefix) for s in shared] == [(0, 3), (2, 1)]
+    assert rest == [1, 4]
+    shared, rest = shared_prefix.plan_pairs(ids, range(6), 3, "last", None, 2)
+    assert [s.pair for s in shared] == [0] and rest == [1, 2, 4, 5]
+    # "answer": the read token in the prefix sends the pair to the plain path
+    shared, _ = shared_prefix.plan_pairs(ids, range(6), 3, "answer", [1, 0, 1, 3, 0, 1], 1)
+    assert [s.pair for s in shared] == [2]
+
+
+def test_unsupported_cache_falls_back(monkeypatch):
+    model, tokenizer = make_model("gpt2"), make_tokenizer()
+    monkeypatch.setattr(shared_prefix, "_new_cache", lambda model: (None, "cache layers ['X'] cannot be shared"))
+    pairs = chat_like_pairs()
+    truth = caa_truth(model, tokenizer, pairs, LAYERS, "last")
+    vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "last", show_progress=False, batch_size=2)
+    _check(vectors, truth, expect_shared=False)
+    assert vectors.get(LAYERS[0]).metadata["shared_prefix_fallback"] == "cache layers ['X'] cannot be shared"
+
+
+def test_device_reduction_falls_back():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    vectors = extract_caa_vectors(model, tokenizer, chat_like_pairs(), LAYERS, "last", show_progress=False,
+                                  reduce_on="device")
+    assert vectors.get(LAYERS[0]).metadata["shared_prefix_fallback"] == "reduce_on='device'"
+
+
+def test_bad_share_prefix():
+    with pytest.raises(TypeError, match="share_prefix"):
+        extract_caa_vectors(make_model("llama"), make_tokenizer(), chat_like_pairs(), [1], share_prefix="yes")
+
+
+def test_error_in_forward_leaves_no_hooks(monkeypatch):
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    calls = {"n": 0}
+    original = shared_prefix._Dispatch.run
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first suffix forward
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(shared_prefix._Dispatch, "run", failing)
+    model.train()
+    with pytest.raises(KeyboardInterrupt):
+        extract_caa_vectors(model, tokenizer, chat_like_pairs(), LAYERS, "last", show_progress=False)
+    assert hook_count(model) == 0
+    assert model.training
+    # The model is free again: a second extraction runs.
+    monkeypatch.setattr(shared_prefix._Dispatch, "run", original)
+    extract_caa_vectors(model, tokenizer, chat_like_pairs(), LAYERS, "last", show_progress=False)
+
+
+def test_rows_read_once():
+    """Every text counts once per side; the C accumulator sees one row per text."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    pairs = chat_like_pairs()
+    for position in ("first", "last", "mean"):
+        vectors = extract_caa_vectors(model, tokenizer, pairs, [1], position, show_progress=False, batch_size=2)
+        meta = vectors.get(1).metadata
+        assert meta["num_positive"] == meta["num_negative"] == len(pairs)
+        assert meta["shared_prefix_pairs"] == len(pairs)
+        assert np.isfinite(meta["vector_norm"])
+    assert caa.shared_prefix is shared_prefix
+
+
+@pytest.mark.parametrize("name", sorted(__import__("arch_zoo").ARCHITECTURES))
+def test_architecture_zoo_shared_or_recorded_fallback(name):
+    """Every family: either the shared path runs and matches float64 truth, or the plain path
+    runs and the metadata says why; OPT's offset positions and flattened MLP rows included."""
+    from arch_zoo import ARCHITECTURES, BLOCK_PATHS
+
+    model, tokenizer = ARCHITECTURES[name](), make_tokenizer()
+    pairs = chat_like_pairs()[:3]
+    blocks = f"{BLOCK_PATHS[name]}.{{i}}"
+    for position in ("last", "mean"):
+        truth = caa_truth(model, tokenizer, pairs, LAYERS, position)
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False,
+                                      batch_size=4, share_prefix=True, layer_modules=blocks)
+        meta = vectors.get(LAYERS[0]).metadata
+        assert meta["shared_prefix"] is (meta["shared_prefix_fallback"] is None), meta
+        for layer in LAYERS:
+            error = relative_error(vectors.get(layer).vector, truth[layer])
+            assert error <= TOLERANCE, f"{name} {position} layer {layer}: {error:.2e} ({meta['shared_prefix_fallback']})"
+    assert hook_count(model) == 0
