@@ -31,7 +31,8 @@ def llama():
 def test_device_path_equals_the_c_path(llama, token_position, component):
     model, tokenizer = llama
     pairs = refusal_pairs(8)
-    options = dict(show_progress=False, batch_size=3, component=component)
+    # the plain path on both sides: this compares the two reductions, not prefix sharing
+    options = dict(show_progress=False, batch_size=3, component=component, share_prefix=False)
     host = extract_caa_vectors(model, tokenizer, pairs, LAYERS, token_position, reduce_on="host", **options)
     device = extract_caa_vectors(model, tokenizer, pairs, LAYERS, token_position, reduce_on="device", **options)
     for layer in LAYERS:
