@@ -107,6 +107,10 @@ def _new_cache(model: nn.Module):
         cache = DynamicCache(config=config)
     except Exception as error:  # noqa: BLE001 - any model-specific refusal means: plain path
         return None, f"DynamicCache(config) failed: {type(error).__name__}"
+    if not all(hasattr(layer, "is_initialized") for layer in cache.layers):
+        import transformers  # older cache layers (4.x) do not say which layers ran
+
+        return None, f"transformers {transformers.__version__}: cache layers without is_initialized"
     kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if kinds:
         # Sliding-window or linear-attention layers keep state the prefix copy would not carry.
