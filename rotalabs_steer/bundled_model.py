@@ -50,10 +50,13 @@ _CACHE_PREFIX = "smollm2-135m-instruct-"
 
 def _cache_key(gguf_path: Path) -> str:
     """Size and a hash of the first MiB: the same file keeps its key across reinstalls (pip sets
-    a new mtime each time), and reading one MiB costs nothing next to the load."""
+    a new mtime each time), and reading one MiB costs nothing next to the load. The transformers
+    version too: its GGUF conversion (the tokenizer above all) differs between releases."""
+    import transformers
+
     with open(gguf_path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-    return f"{_CACHE_PREFIX}{gguf_path.stat().st_size}-{head}"
+    return f"{_CACHE_PREFIX}{gguf_path.stat().st_size}-{head}-transformers{transformers.__version__}"
 
 
 def _remove_stale(root: Path, keep: Path) -> None:
