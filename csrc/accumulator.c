@@ -308,24 +308,6 @@ finally:
     return result;
 }
 
-/* Checks that `view` has exactly the given shape. */
-static int expect_shape(const TensorView *view, const char *what, int ndim, const int64_t *shape)
-{
-    int ok = view->ndim == ndim;
-    for (int d = 0; ok && d < ndim; d++)
-        ok = view->shape[d] == shape[d];
-    if (!ok) {
-        if (ndim == 3)
-            PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld, %lld)", what,
-                         (long long)shape[0], (long long)shape[1], (long long)shape[2]);
-        else
-            PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %lld)", what,
-                         (long long)shape[0], (long long)shape[1]);
-        return -1;
-    }
-    return 0;
-}
-
 PyDoc_STRVAR(load_state_doc,
 "load_state($self, sums, counts, /)\n--\n\n"
 "Replace the state with `sums` (float64 [slots, groups, hidden]) and `counts`\n"
@@ -357,8 +339,8 @@ static PyObject *Accumulator_load_state(PyObject *op, PyObject *args)
                      rs_dtype_name(counts.dtype));
         goto finally;
     }
-    if (expect_shape(&sums, "sums", 3, sum_shape) < 0 ||
-        expect_shape(&counts, "counts", 2, count_shape) < 0)
+    if (tensor_view_expect_shape(&sums, "sums", 3, sum_shape) < 0 ||
+        tensor_view_expect_shape(&counts, "counts", 2, count_shape) < 0)
         goto finally;
     /* Check every count before writing any: an error leaves the state as it was. */
     for (int64_t s = 0; s < self->num_slots; s++) {

@@ -107,6 +107,9 @@ typedef struct {
 /* Fills `view` from an object with __dlpack__ (or a DLPack capsule). Returns 0, or -1
  * with an exception set and nothing left to release. `what` names the argument in errors. */
 int tensor_view_acquire(CoreState *state, PyObject *obj, const char *what, TensorView *view);
+/* 0 if `view` has exactly the `ndim` sizes in `shape` (ndim 1 to 3), else -1 with a ValueError
+ * naming `what` and the expected shape. */
+int tensor_view_expect_shape(const TensorView *view, const char *what, int ndim, const int64_t *shape);
 /* Calls the producer's deleter exactly once; safe on a zeroed view. GIL held. */
 void tensor_view_release(TensorView *view);
 int tensor_view_is_float(const TensorView *view);

@@ -263,19 +263,6 @@ static PyObject *PairMoments_state(PairMoments *self, PyObject *Py_UNUSED(ignore
     return result;
 }
 
-static int check_shape(const TensorView *view, const char *what, int ndim, const int64_t *shape)
-{
-    int ok = view->ndim == ndim;
-    for (int d = 0; ok && d < ndim; d++)
-        ok = view->shape[d] == shape[d];
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape (%lld%s%s)", what, (long long)shape[0],
-                     ndim > 1 ? ", hidden" : "", ndim > 2 ? ", hidden" : "");
-        return -1;
-    }
-    return 0;
-}
-
 PyDoc_STRVAR(load_state_doc,
 "load_state($self, counts, sums, moments, /)\n--\n\n"
 "Replace the state with `counts` (integer [slots]), `sums` (float64 [slots, hidden])\n"
@@ -310,9 +297,9 @@ static PyObject *PairMoments_load_state(PairMoments *self, PyObject *args)
                      rs_dtype_name(sums.dtype), rs_dtype_name(moments.dtype));
         goto finally;
     }
-    if (check_shape(&counts, "counts", 1, count_shape) < 0 ||
-        check_shape(&sums, "sums", 2, sum_shape) < 0 ||
-        check_shape(&moments, "moments", 3, moment_shape) < 0)
+    if (tensor_view_expect_shape(&counts, "counts", 1, count_shape) < 0 ||
+        tensor_view_expect_shape(&sums, "sums", 2, sum_shape) < 0 ||
+        tensor_view_expect_shape(&moments, "moments", 3, moment_shape) < 0)
         goto finally;
     /* Check every count before writing any: an error leaves the state as it was. */
     for (int64_t s = 0; s < self->num_slots; s++) {

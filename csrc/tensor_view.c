@@ -342,3 +342,19 @@ int64_t tensor_view_int_at(const TensorView *view, int64_t offset)
     default: return 0;
     }
 }
+
+int tensor_view_expect_shape(const TensorView *view, const char *what, int ndim, const int64_t *shape)
+{
+    int ok = view->ndim == ndim;
+    for (int d = 0; ok && d < ndim; d++)
+        ok = view->shape[d] == shape[d];
+    if (ok)
+        return 0;
+    char expected[96];
+    int used = 0;
+    for (int d = 0; d < ndim && used < (int)sizeof(expected); d++)
+        used += snprintf(expected + used, sizeof(expected) - (size_t)used, "%s%lld", d ? ", " : "",
+                         (long long)shape[d]);
+    PyErr_Format(PyExc_ValueError, "%s must have shape (%s)", what, expected);
+    return -1;
+}
