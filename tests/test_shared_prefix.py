@@ -250,3 +250,58 @@ def test_architecture_zoo_shared_or_recorded_fallback(name):
             error = relative_error(vectors.get(layer).vector, truth[layer])
             assert error <= TOLERANCE, f"{name} {position} layer {layer}: {error:.2e} ({meta['shared_prefix_fallback']})"
     assert hook_count(model) == 0
+
+
+_PREAMBLE = "System: You are a careful assistant. Answer briefly and honestly.\n"
+
+
+def preamble_pairs() -> list[dict]:
+    """Chat pairs behind one system preamble: the stem every pair begins with."""
+    return [{"positive": _PREAMBLE + p["positive"], "negative": _PREAMBLE + p["negative"]}
+            for p in chat_like_pairs()]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("position", ["last", "mean"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_stem_matches_float64_truth(kind, position, padding_side, monkeypatch):
+    """The preamble runs once for the whole pass; every prefix batch continues from its cache."""
+    model, tokenizer = make_model(kind), make_tokenizer(padding_side=padding_side)
+    pairs = preamble_pairs()
+    stems = []
+    original = shared_prefix._run_stem
+    monkeypatch.setattr(shared_prefix, "_run_stem", lambda *a: stems.append(original(*a)) or stems[-1])
+    truth = caa_truth(model, tokenizer, pairs, LAYERS, position)
+    vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False, batch_size=2)
+    _check(vectors, truth, expect_shared=True)
+    ids = [tokenizer(p[side])["input_ids"] for side in ("positive", "negative") for p in pairs]
+    preamble = len(tokenizer(_PREAMBLE.rstrip("\n"))["input_ids"])
+    meta = vectors.get(LAYERS[0]).metadata
+    assert len(stems) == 1 and stems[0].length == meta["shared_prefix_stem_tokens"] >= preamble - 1
+    # Tokens not run: each pair's prefix once instead of twice, the stem once instead of once per pair.
+    n = len(pairs)
+    prefixes = [shared_prefix.common_prefix_length(ids[k], ids[k + n]) for k in range(n)]
+    stem = stems[0].length
+    assert meta["shared_prefix_tokens_saved"] == sum(prefixes) + (n - 1) * stem
+    assert hook_count(model) == 0
+
+
+def test_stem_absent_when_one_pair_lacks_it():
+    model, tokenizer = make_model("llama"), make_tokenizer(with_bos=False)
+    pairs = preamble_pairs() + [{"positive": "Q: is it safe?\nA: Yes, it is.", "negative": "Q: is it safe?\nA: No."}]
+    truth = caa_truth(model, tokenizer, pairs, LAYERS, "mean")
+    vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "mean", show_progress=False, batch_size=4)
+    _check(vectors, truth, expect_shared=True)
+    assert vectors.get(LAYERS[0]).metadata["shared_prefix_stem_tokens"] == 0
+
+
+def test_stem_length_rules():
+    S = shared_prefix._Shared
+    ids = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 9], [1, 2, 3, 7, 7], [0]]
+    # one short of the shortest prefix, so every prefix batch still runs a token of its own
+    assert shared_prefix.stem_length(ids, [S(0, 5), S(1, 4)], 1) == 3
+    assert shared_prefix.stem_length(ids, [S(0, 5), S(1, 6)], 1) == 4
+    assert shared_prefix.stem_length(ids, [S(0, 5), S(2, 4)], 1) == 3
+    assert shared_prefix.stem_length(ids, [S(0, 5), S(2, 4)], 4) == 0   # under the minimum
+    assert shared_prefix.stem_length(ids, [S(0, 5), S(3, 1)], 1) == 0   # nothing in common
+    assert shared_prefix.stem_length(ids, [S(0, 5)], 1) == 0            # one pair: nothing to share

@@ -8,12 +8,17 @@ once:
 
 - ``last`` / ``answer``: the read token lies in the suffix (pairs where it does not go
   through the plain path), read from the suffix forward.
-- ``first``: the prefix's first row, counted for both sides; no suffix forward is needed.
+- ``first``: row 0 depends on token 0 alone, so each pair runs that one token, counted for
+  both sides; no suffix forward is needed.
 - ``mean``: per text (prefix sum + suffix sum) / (prefix length + suffix length). Both sums
   come from the C accumulator's masked mean on a scratch accumulator with one group per row
   (float64), times the row's token count; the combined per-text means are then added to the
   real accumulator as ``[rows, hidden]`` float64 rows, so counts and the separation sample
   see one row per text, as on the plain path.
+
+Pairs also share their beginning with each other (a chat template's system prompt, a few-shot
+preamble): the *stem*, the tokens every shared pair's prefix begins with, runs once for the
+whole pass (batch 1); each prefix batch continues from its cache, expanded to the batch.
 
 Pairs whose common prefix is shorter than ``MIN_SHARED_TOKENS``, or where a suffix is empty
 or the read token lies in the prefix, and models whose cache cannot be reused this way,
@@ -79,6 +84,20 @@ def plan_pairs(token_ids: Sequence[Sequence[int]], rows: Sequence[int], num_pair
     return shared, sorted(rest)
 
 
+def stem_length(token_ids: Sequence[Sequence[int]], shared: Sequence[_Shared], minimum: int) -> int:
+    """Tokens every shared pair's prefix begins with, one short of the shortest prefix (each
+    prefix batch keeps a token of its own), or 0 when under ``minimum`` or fewer than 2 pairs."""
+    if len(shared) < 2:
+        return 0
+    first = token_ids[shared[0].pair]
+    length = min(s.prefix for s in shared) - 1
+    for s in shared[1:]:
+        length = min(length, common_prefix_length(first[:length], token_ids[s.pair][:length]))
+        if length < minimum:
+            return 0
+    return length
+
+
 def _cache_keyword(model: nn.Module) -> str | None:
     """The forward's cache argument (transformers 5 renamed past_key_values to cache)."""
     try:
@@ -133,8 +152,18 @@ def fallback_reason(model: nn.Module, reduce_on: str, distributed: bool) -> str 
 
 def not_shared(reason: str) -> dict:
     """The metadata of a pass that shared no prefix, and why."""
-    return {"shared_prefix": False, "shared_prefix_pairs": 0, "shared_prefix_tokens_saved": 0,
-            "shared_prefix_fallback": reason}
+    return {"shared_prefix": False, "shared_prefix_pairs": 0, "shared_prefix_stem_tokens": 0,
+            "shared_prefix_tokens_saved": 0, "shared_prefix_fallback": reason}
+
+
+def tokens_saved(token_ids: Sequence[Sequence[int]], shared: Sequence[_Shared], num_pairs: int,
+                 token_position: str, stem: int) -> int:
+    """Tokens the plain path would run for the shared pairs that the shared path does not."""
+    plain = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) for s in shared)
+    if token_position == "first":
+        return plain - len(shared)
+    run = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) - s.prefix - stem for s in shared)
+    return plain - run - stem
 
 
 def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequence[Sequence[int]],
@@ -150,18 +179,21 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
         reason = "tokenizer has no pad or eos token"  # the plain path says what to do about it
     shared: list[_Shared] = []
     rest = list(rows)
+    stem = 0
     if reason is None:
         # share_prefix=True: every pair with any common prefix (still not where the model cannot).
         minimum = 1 if token_position == "first" or share_prefix is True else MIN_SHARED_TOKENS
         shared, rest = plan_pairs(token_ids, rows, num_pairs, token_position, read_indices, minimum)
         if not shared:
             reason = f"no pair shares a prefix of >= {minimum} tokens before the read token"
-    info = {"shared_prefix": bool(shared), "shared_prefix_pairs": len(shared),
-            "shared_prefix_tokens_saved": sum(s.prefix for s in shared),
+        elif token_position != "first":
+            stem = stem_length(token_ids, shared, minimum)
+    info = {"shared_prefix": bool(shared), "shared_prefix_pairs": len(shared), "shared_prefix_stem_tokens": stem,
+            "shared_prefix_tokens_saved": tokens_saved(token_ids, shared, num_pairs, token_position, stem),
             "shared_prefix_fallback": reason}
     if shared:
         _run_shared(model, modules, token_ids, row_groups, read_indices, shared, num_pairs, token_position,
-                    batch_size, pad_id, accumulator, on_rows, unflatten)
+                    batch_size, pad_id, accumulator, on_rows, unflatten, stem)
     reducer = None
     if rest:
         batches = make_batches([token_ids[i] for i in rest], [row_groups[i] for i in rest], token_position,
@@ -223,9 +255,41 @@ def _row_means(scratch: _core.Accumulator, count: int) -> np.ndarray:
     return sums[:, :count]
 
 
+@dataclass
+class _Stem:
+    """The stem's cache (per cache layer (keys, values) of batch 1, None past the deepest
+    hooked block) and, for ``mean``, its per-slot row means."""
+    length: int
+    cache: object
+    kv: list
+    means: np.ndarray | None
+
+    def cache_for(self, count: int):
+        """The shared cache object, holding the stem expanded (not copied) to ``count`` rows."""
+        for layer, kv in zip(self.cache.layers, self.kv):
+            if kv is not None:
+                layer.keys, layer.values = (t.expand(count, -1, -1, -1) for t in kv)
+        return self.cache
+
+
+def _run_stem(model, dispatch: "_Dispatch", cache_keyword: str, ids: Sequence[int], scratch) -> _Stem:
+    cache, _ = _new_cache(model)
+    input_ids = torch.as_tensor([list(ids)], dtype=torch.long)
+    mask = torch.ones_like(input_ids)
+    reader = lambda slot, hidden: None  # noqa: E731
+    if scratch is not None:
+        scratch.reset()
+        reader = lambda slot, hidden: scratch.add(slot, hidden, torch.zeros(1, dtype=torch.long), mask=mask)  # noqa: E731
+    dispatch.run(model, 1, reader, input_ids=input_ids, attention_mask=mask,
+                 position_ids=torch.arange(len(ids))[None], use_cache=True, **{cache_keyword: cache})
+    kv = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
+    means = _row_means(scratch, 1)[:, 0].copy() if scratch is not None else None
+    return _Stem(len(ids), cache, kv, means)
+
+
 def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: list[_Shared], num_pairs: int,
                 token_position: str, batch_size: int, pad_id: int | None, accumulator: _core.Accumulator,
-                on_rows, unflatten: bool) -> None:
+                on_rows, unflatten: bool, stem_tokens: int) -> None:
     cache_keyword = _cache_keyword(model)
     pad = pad_id
     slots = len(modules)
@@ -237,47 +301,61 @@ def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: lis
     order = sorted(shared, key=lambda s: -s.prefix)  # longest first: memory peaks on the first batch
     hooks = [(module, dispatch.hook(slot)) for slot, module in enumerate(modules)]
     with exclusive_use(model), eval_mode(model), forward_hooks(hooks), torch.inference_mode():
+        stem = (_run_stem(model, dispatch, cache_keyword, token_ids[shared[0].pair][:stem_tokens], scratch)
+                if stem_tokens else None)
         for start in range(0, len(order), batch_size):
             group = order[start:start + batch_size]
             _run_prefix_batch(model, dispatch, cache_keyword, group, token_ids, row_groups, read_indices,
-                              num_pairs, token_position, pad, suffix_rows, accumulator, scratch)
+                              num_pairs, token_position, pad, suffix_rows, accumulator, scratch, stem)
             on_rows(2 * len(group))
+
+
+def _run_first(model, dispatch: _Dispatch, group: list[_Shared], token_ids, row_groups, num_pairs: int,
+               accumulator: _core.Accumulator) -> None:
+    """Row 0 is row 0 of both texts and depends on token 0 alone: one token per pair, read once,
+    counted for each side."""
+    ids = torch.as_tensor([[token_ids[s.pair][0]] for s in group], dtype=torch.long)
+    pos_groups = torch.as_tensor([row_groups[s.pair] for s in group], dtype=torch.long)
+    neg_groups = torch.as_tensor([row_groups[s.pair + num_pairs] for s in group], dtype=torch.long)
+
+    def read_first(slot, hidden):
+        first = hidden[:, 0]
+        accumulator.add(slot, first, pos_groups)
+        accumulator.add(slot, first, neg_groups)
+
+    dispatch.run(model, len(group), read_first, input_ids=ids, attention_mask=torch.ones_like(ids),
+                 position_ids=torch.zeros_like(ids), use_cache=False)
 
 
 def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: list[_Shared], token_ids,
                       row_groups, read_indices, num_pairs: int, token_position: str, pad: int,
-                      suffix_rows: int, accumulator: _core.Accumulator, scratch) -> None:
-    prefix_lengths = torch.as_tensor([s.prefix for s in group], dtype=torch.long)
-    prefix_ids, prefix_mask = _padded([token_ids[s.pair][:s.prefix] for s in group], pad)
-    count, width = prefix_ids.shape
-    positions = torch.arange(width).expand(count, width)
-
+                      suffix_rows: int, accumulator: _core.Accumulator, scratch, stem: _Stem | None) -> None:
     if token_position == "first":
-        # Row 0 of the prefix is row 0 of both texts: read once, counted for each side.
-        pos_groups = torch.as_tensor([row_groups[s.pair] for s in group], dtype=torch.long)
-        neg_groups = torch.as_tensor([row_groups[s.pair + num_pairs] for s in group], dtype=torch.long)
-
-        def read_first(slot, hidden):
-            first = hidden[:, 0]
-            accumulator.add(slot, first, pos_groups)
-            accumulator.add(slot, first, neg_groups)
-
-        dispatch.run(model, count, read_first, input_ids=prefix_ids, attention_mask=prefix_mask,
-                     position_ids=positions, use_cache=False)
+        _run_first(model, dispatch, group, token_ids, row_groups, num_pairs, accumulator)
         return
+    # The prefix past the stem (at least one token each: stem_length leaves one).
+    skip = stem.length if stem is not None else 0
+    prefix_lengths = torch.as_tensor([s.prefix for s in group], dtype=torch.long)
+    prefix_ids, own_mask = _padded([token_ids[s.pair][skip:s.prefix] for s in group], pad)
+    count, width = prefix_ids.shape
+    positions = skip + torch.arange(width).expand(count, width)
+    prefix_mask = torch.cat([torch.ones((count, skip), dtype=torch.long), own_mask], dim=1)
 
-    prefix_means = None
     if scratch is not None:
         scratch.reset()
         every_row = torch.arange(count, dtype=torch.long)
-        dispatch_reader = lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=prefix_mask)  # noqa: E731
+        dispatch_reader = lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=own_mask)  # noqa: E731
     else:
         dispatch_reader = lambda slot, hidden: None  # noqa: E731
-    cache, _ = _new_cache(model)
+    cache = stem.cache_for(count) if stem is not None else _new_cache(model)[0]
     dispatch.run(model, count, dispatch_reader, input_ids=prefix_ids, attention_mask=prefix_mask,
                  position_ids=positions, use_cache=True, **{cache_keyword: cache})
+    prefix_means = None
     if scratch is not None:
         prefix_means = _row_means(scratch, count).copy()
+        if stem is not None:  # the stem's rows belong to every prefix: weight the means by token counts
+            own = own_mask.sum(1).numpy().astype(np.float64)[:, None]
+            prefix_means = (stem.means[:, None] * stem.length + prefix_means * own) / (stem.length + own)
     # Only the layers up to the deepest hooked block ran; those are all the suffixes need.
     saved = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
 
