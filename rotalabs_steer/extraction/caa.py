@@ -235,6 +235,11 @@ def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int]
     read_chars = _answer_chars(pairs) if token_position == "answer" else None
     token_ids, read_indices = tokenize(tokenizer, texts, max_length, read_chars)
     _check_fits_model(model, token_ids, max_length)
+    # Attention is causal: tokens after the one read cannot change it, so they never run.
+    if token_position == "first":
+        token_ids = [row[:1] for row in token_ids]
+    elif token_position == "answer":
+        token_ids = [row[:read + 1] for row, read in zip(token_ids, read_indices)]
     modules = [component_module(blocks.modules[i], component)[0] for i in layers]
 
     ranks = resolve_group(process_group)

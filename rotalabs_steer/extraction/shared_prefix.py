@@ -8,8 +8,7 @@ once:
 
 - ``last`` / ``answer``: the read token lies in the suffix (pairs where it does not go
   through the plain path), read from the suffix forward.
-- ``first``: row 0 depends on token 0 alone, so each pair runs that one token, counted for
-  both sides; no suffix forward is needed.
+- ``first``: nothing to share: ``caa.collect`` cuts every text to its first token.
 - ``mean``: per text (prefix sum + suffix sum) / (prefix length + suffix length). Both sums
   come from the C accumulator's masked mean on a scratch accumulator with one group per row
   (float64), times the row's token count; the combined per-text means are then added to the
@@ -156,12 +155,9 @@ def not_shared(reason: str) -> dict:
             "shared_prefix_tokens_saved": 0, "shared_prefix_fallback": reason}
 
 
-def tokens_saved(token_ids: Sequence[Sequence[int]], shared: Sequence[_Shared], num_pairs: int,
-                 token_position: str, stem: int) -> int:
+def tokens_saved(token_ids: Sequence[Sequence[int]], shared: Sequence[_Shared], num_pairs: int, stem: int) -> int:
     """Tokens the plain path would run for the shared pairs that the shared path does not."""
     plain = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) for s in shared)
-    if token_position == "first":
-        return plain - len(shared)
     run = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) - s.prefix - stem for s in shared)
     return plain - run - stem
 
@@ -175,6 +171,8 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
     ``accumulate_batches``. Returns (DeviceReducer or None, metadata dict)."""
     num_pairs = len(token_ids) // 2
     reason = "share_prefix=False" if share_prefix is False else fallback_reason(model, reduce_on, distributed)
+    if reason is None and token_position == "first":
+        reason = "token_position='first' runs one token per text"
     if reason is None and pad_id is None:
         reason = "tokenizer has no pad or eos token"  # the plain path says what to do about it
     shared: list[_Shared] = []
@@ -182,14 +180,14 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
     stem = 0
     if reason is None:
         # share_prefix=True: every pair with any common prefix (still not where the model cannot).
-        minimum = 1 if token_position == "first" or share_prefix is True else MIN_SHARED_TOKENS
+        minimum = 1 if share_prefix is True else MIN_SHARED_TOKENS
         shared, rest = plan_pairs(token_ids, rows, num_pairs, token_position, read_indices, minimum)
         if not shared:
             reason = f"no pair shares a prefix of >= {minimum} tokens before the read token"
-        elif token_position != "first":
+        else:
             stem = stem_length(token_ids, shared, minimum)
     info = {"shared_prefix": bool(shared), "shared_prefix_pairs": len(shared), "shared_prefix_stem_tokens": stem,
-            "shared_prefix_tokens_saved": tokens_saved(token_ids, shared, num_pairs, token_position, stem),
+            "shared_prefix_tokens_saved": tokens_saved(token_ids, shared, num_pairs, stem),
             "shared_prefix_fallback": reason}
     if shared:
         _run_shared(model, modules, token_ids, row_groups, read_indices, shared, num_pairs, token_position,
@@ -310,29 +308,9 @@ def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: lis
             on_rows(2 * len(group))
 
 
-def _run_first(model, dispatch: _Dispatch, group: list[_Shared], token_ids, row_groups, num_pairs: int,
-               accumulator: _core.Accumulator) -> None:
-    """Row 0 is row 0 of both texts and depends on token 0 alone: one token per pair, read once,
-    counted for each side."""
-    ids = torch.as_tensor([[token_ids[s.pair][0]] for s in group], dtype=torch.long)
-    pos_groups = torch.as_tensor([row_groups[s.pair] for s in group], dtype=torch.long)
-    neg_groups = torch.as_tensor([row_groups[s.pair + num_pairs] for s in group], dtype=torch.long)
-
-    def read_first(slot, hidden):
-        first = hidden[:, 0]
-        accumulator.add(slot, first, pos_groups)
-        accumulator.add(slot, first, neg_groups)
-
-    dispatch.run(model, len(group), read_first, input_ids=ids, attention_mask=torch.ones_like(ids),
-                 position_ids=torch.zeros_like(ids), use_cache=False)
-
-
 def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: list[_Shared], token_ids,
                       row_groups, read_indices, num_pairs: int, token_position: str, pad: int,
                       suffix_rows: int, accumulator: _core.Accumulator, scratch, stem: _Stem | None) -> None:
-    if token_position == "first":
-        _run_first(model, dispatch, group, token_ids, row_groups, num_pairs, accumulator)
-        return
     # The prefix past the stem (at least one token each: stem_length leaves one).
     skip = stem.length if stem is not None else 0
     prefix_lengths = torch.as_tensor([s.prefix for s in group], dtype=torch.long)
