@@ -333,3 +333,27 @@ def test_tokens_after_the_read_token_never_run(share):
         assert max(widths) < max(full)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_prefix_forwards_stop_after_the_last_cache_write(kind):
+    """For last/answer nobody reads prefix rows: after the first cached forward, prefix forwards
+    end at the deepest block's cache write, so its MLP runs only in the stem and suffix forwards."""
+    model, tokenizer = make_model(kind), make_tokenizer()
+    from rotalabs_steer.layers import find_decoder_blocks
+
+    blocks = find_decoder_blocks(model).modules
+    runs = {1: 0, 2: 0}
+    handles = [blocks[i].mlp.register_forward_hook(lambda m, a, o, i=i: runs.__setitem__(i, runs[i] + 1))
+               for i in runs]
+    try:
+        pairs = preamble_pairs()
+        truth = caa_truth(model, tokenizer, pairs, LAYERS, "last")
+        runs.update({1: 0, 2: 0})
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "last", show_progress=False, batch_size=1)
+        _check(vectors, truth, expect_shared=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # one stem forward, 5 prefix forwards, 5 suffix forwards (two suffixes each)
+    assert runs == {1: 11, 2: 6}

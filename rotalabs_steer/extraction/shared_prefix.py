@@ -211,6 +211,7 @@ class _Dispatch:
         self.rows = 0
         self.calls = [0] * count
         self.deepest, self.unflatten = deepest, unflatten
+        self.last_cache_layer: int | None = None  # the last cache layer a full forward writes
 
     def hook(self, slot: int):
         def capture(module, args, output):
@@ -235,6 +236,36 @@ class _Dispatch:
                 f"hooked block(s) at slot(s) {missed} did not run exactly once in the forward; "
                 "the block list does not match how this model executes (pass layer_modules=...)"
             )
+
+    def fill_cache(self, model: nn.Module, rows: int, kv_cache, /, **inputs) -> None:
+        """A forward for its cache alone (nobody reads its rows). After the last cache write
+        the deepest hooked block only makes rows nobody reads (its attention output and MLP),
+        so once a full forward has shown which layer that write goes to, later forwards stop
+        right after it."""
+        nothing = lambda slot, hidden: None  # noqa: E731
+        if self.last_cache_layer is None:
+            self.run(model, rows, nothing, **inputs)
+            self.last_cache_layer = max(i for i, layer in enumerate(kv_cache.layers) if layer.is_initialized)
+            return
+        layer = kv_cache.layers[self.last_cache_layer]
+        written = []
+
+        def update(*args, **kwargs):
+            written.append(type(layer).update(layer, *args, **kwargs))
+            raise _core.StopForward
+
+        self.reader, self.rows = nothing, rows
+        layer.update = update
+        try:
+            model(**inputs)
+        except _core.StopForward:
+            pass
+        finally:
+            del layer.update
+        lengths = {c.keys.shape[-2] for c in kv_cache.layers[:self.last_cache_layer + 1] if c.is_initialized}
+        if not written or len(lengths) != 1:
+            raise RuntimeError(f"cache layer {self.last_cache_layer} was not written last "
+                               f"(written: {bool(written)}, lengths {sorted(lengths)}); pass share_prefix=False")
 
 
 def _padded(sequences: list[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,12 +305,14 @@ def _run_stem(model, dispatch: "_Dispatch", cache_keyword: str, ids: Sequence[in
     cache, _ = _new_cache(model)
     input_ids = torch.as_tensor([list(ids)], dtype=torch.long)
     mask = torch.ones_like(input_ids)
-    reader = lambda slot, hidden: None  # noqa: E731
+    inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=torch.arange(len(ids))[None],
+                  use_cache=True, **{cache_keyword: cache})
     if scratch is not None:
         scratch.reset()
-        reader = lambda slot, hidden: scratch.add(slot, hidden, torch.zeros(1, dtype=torch.long), mask=mask)  # noqa: E731
-    dispatch.run(model, 1, reader, input_ids=input_ids, attention_mask=mask,
-                 position_ids=torch.arange(len(ids))[None], use_cache=True, **{cache_keyword: cache})
+        row = torch.zeros(1, dtype=torch.long)
+        dispatch.run(model, 1, lambda slot, hidden: scratch.add(slot, hidden, row, mask=mask), **inputs)
+    else:
+        dispatch.fill_cache(model, 1, cache, **inputs)
     kv = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
     means = _row_means(scratch, 1)[:, 0].copy() if scratch is not None else None
     return _Stem(len(ids), cache, kv, means)
@@ -319,15 +352,15 @@ def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: lis
     positions = skip + torch.arange(width).expand(count, width)
     prefix_mask = torch.cat([torch.ones((count, skip), dtype=torch.long), own_mask], dim=1)
 
-    if scratch is not None:
+    cache = stem.cache_for(count) if stem is not None else _new_cache(model)[0]
+    inputs = dict(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
+                  **{cache_keyword: cache})
+    if scratch is not None:  # mean: the prefix rows are read
         scratch.reset()
         every_row = torch.arange(count, dtype=torch.long)
-        dispatch_reader = lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=own_mask)  # noqa: E731
+        dispatch.run(model, count, lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=own_mask), **inputs)
     else:
-        dispatch_reader = lambda slot, hidden: None  # noqa: E731
-    cache = stem.cache_for(count) if stem is not None else _new_cache(model)[0]
-    dispatch.run(model, count, dispatch_reader, input_ids=prefix_ids, attention_mask=prefix_mask,
-                 position_ids=positions, use_cache=True, **{cache_keyword: cache})
+        dispatch.fill_cache(model, count, cache, **inputs)
     prefix_means = None
     if scratch is not None:
         prefix_means = _row_means(scratch, count).copy()
