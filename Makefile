@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 TORCH := torch==2.13.0
 
-.PHONY: test test-min demo build wheel bench bench-peers bench-gpu asan-build test-asan fuzz fuzz-short valgrind clean
+.PHONY: test test-min demo build wheel bench bench-prefix bench-peers bench-gpu asan-build test-asan fuzz fuzz-short valgrind clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,22 @@ test: build
 demo: build
 	$(PY) examples/demo.py
 
-# Extraction benchmark (bench/run_bench.py): ours, rotalabs-steer 1.2.0, steering-vectors 0.12.2 and
+# Extraction benchmark (bench/run_bench.py, then bench/bench_prefix.py below): ours, rotalabs-steer 1.2.0, steering-vectors 0.12.2 and
 # the bare forward, each in its own process; writes bench/results/cpu.json, bench/RESULTS.md and
 # bench/results.png. Slow (about half an hour on 2 cores): run it on a quiet machine.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--quick" (smoke run) or "--only scaling".
 BENCH_ARGS ?=
 bench: build bench-peers
 	$(PY) bench/run_bench.py $(BENCH_ARGS)
+	$(PY) bench/bench_prefix.py $(PREFIX_ARGS)
+
+# Shared prefixes (bench/bench_prefix.py): ours, the bare stopped forward and rotalabs-steer 1.2.0 on
+# CAA A/B items (the A/B sample beside the repository when there is one, 200 generated items) and
+# chat-template refusal pairs; bench/results/prefix.json and its RESULTS.md section. About 25 minutes,
+# most of it the reference on the 200 items.
+PREFIX_ARGS ?= --rounds 1 --write-results $(addprefix --sample ,$(wildcard ../shared/data/caa_ab_refusal_sample.json))
+bench-prefix: build bench-peers
+	$(PY) bench/bench_prefix.py $(PREFIX_ARGS)
 
 # The peers' virtual environments, bench/.venvs/{reference,steering-vectors} (skipped when up to date).
 bench-peers:

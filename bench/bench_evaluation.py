@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import report  # noqa: E402
+
 REPO = BENCH.parent
 DRIVER = BENCH / "evaluation_driver.py"
 RESULTS_MD = BENCH / "RESULTS.md"
@@ -96,18 +99,6 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace this script's section of RESULTS.md (up to the next ``## `` heading), or append it."""
-    old = RESULTS_MD.read_text() if RESULTS_MD.is_file() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
-    RESULTS_MD.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -158,7 +149,7 @@ def main() -> None:
     text = markdown(summary)
     print(text)
     if args.write_results:
-        write_section(text)
+        report.replace_section(RESULTS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,15 @@ SYSTEM_LABELS = {
     "bare-full": "bare forward, full depth",
     "bare-stopped": "bare forward, stopped",
 }
-SECTION_TITLES = {"cpu": "CPU", "gpu": "GPU"}
+SECTION_TITLES = {"cpu": "CPU", "gpu": "GPU", "methods": "Estimators, full tables (`run_bench.py --methods`)"}
 COLORS = {"reference": "#c0392b", "steering-vectors": "#2980b9", "bare-full": "#7f8c8d", "bare-stopped": "#27ae60"}
 
 
 def load_sections(results_dir: Path) -> list[dict]:
+    """The run_bench.py sections; the other scripts' JSON (evaluation, steering, prefix) has no
+    "section" and its RESULTS.md section is written by that script (``replace_section``)."""
     sections = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    sections = [s for s in sections if "section" in s and "workloads" in s]
     rank = {"cpu": 0, "gpu": 1}
     return sorted(sections, key=lambda s: (rank.get(s["section"], 9), s["section"]))
 
@@ -215,9 +218,34 @@ def render(results_dir: Path, md_path: Path, png_path: Path) -> None:
             status = "met" if met else ("missed" if met is not None else "n/a")
             lines.append(f"| {what} | {measured} | {status} |")
         lines.append("")
+    # Sections other scripts wrote (bench_prefix.py, bench_evaluation.py, ...) stay, after these.
+    generated = {line for line in lines if line.startswith("## ")}
+    old = md_path.read_text() if md_path.is_file() else ""
+    kept = [part for part in _sections(old) if part.splitlines()[0] not in generated]
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines))
+    md_path.write_text("\n".join(lines).rstrip("\n") + "".join("\n\n" + part.strip("\n") for part in kept) + "\n")
     plot(sections, png_path)
+
+
+def _sections(text: str) -> list[str]:
+    """The ``## `` sections of a markdown text, each from its heading to the next."""
+    starts = [i for i, line in enumerate(text.splitlines()) if line.startswith("## ")]
+    lines = text.splitlines()
+    return ["\n".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
+
+
+def replace_section(md_path: Path, heading: str, text: str) -> None:
+    """Put ``text`` (starting with the ``## heading`` line) in place of that section of
+    ``md_path``, or append it."""
+    old = md_path.read_text() if md_path.is_file() else ""
+    parts = _sections(old)
+    head = old[:old.find("\n## ") + 1] if parts else old
+    if not parts and old.startswith("## "):
+        head = ""
+    replaced = [text.strip("\n") if part.splitlines()[0] == heading else part.strip("\n") for part in parts]
+    if not any(part.splitlines()[0] == heading for part in parts):
+        replaced.append(text.strip("\n"))
+    md_path.write_text(head.rstrip("\n") + ("\n\n" if head.strip() else "") + "\n\n".join(replaced) + "\n")
 
 
 def plot(sections: list[dict], png_path: Path) -> None:
