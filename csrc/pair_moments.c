@@ -15,12 +15,14 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <stddef.h>
 #include <string.h>
 
 typedef struct {
     PyObject_HEAD
-    int64_t num_slots;
-    int64_t hidden;
+    /* Py_ssize_t (not int64_t) so that PyMemberDef can expose them as Py_T_PYSSIZET. */
+    Py_ssize_t num_slots;
+    Py_ssize_t hidden;
     int64_t *counts;  /* [num_slots] pairs added */
     double *sums;     /* [num_slots][hidden] */
     double *moments;  /* [num_slots][hidden][hidden], upper triangle maintained */
@@ -76,13 +78,14 @@ static PyObject *PairMoments_new(PyTypeObject *type, PyObject *args, PyObject *k
     return (PyObject *)self;
 }
 
-static void PairMoments_dealloc(PairMoments *self)
+static void PairMoments_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(self);
+    PairMoments *self = (PairMoments *)op;
+    PyTypeObject *type = Py_TYPE(op);
     PyMem_RawFree(self->counts);
     PyMem_RawFree(self->sums);
     PyMem_RawFree(self->moments);
-    type->tp_free((PyObject *)self);
+    type->tp_free(op);
     Py_DECREF(type);
 }
 
@@ -154,8 +157,9 @@ PyDoc_STRVAR(add_doc,
 "rows: float32/float64 [n, hidden] (any DLPack producer readable from the CPU).\n"
 "pos_index, neg_index: integer [k], row numbers of each pair's positive and negative.");
 
-static PyObject *PairMoments_add(PairMoments *self, PyObject *args, PyObject *kwargs)
+static PyObject *PairMoments_add(PyObject *op, PyObject *args, PyObject *kwargs)
 {
+    PairMoments *self = (PairMoments *)op;
     static char *keywords[] = {"slot", "rows", "pos_index", "neg_index", NULL};
     Py_ssize_t slot;
     PyObject *rows_obj, *pos_obj, *neg_obj;
@@ -229,8 +233,9 @@ PyDoc_STRVAR(state_doc,
 "Return (counts, sums, moments) as new NumPy arrays: int64 [slots], float64\n"
 "[slots, hidden] and float64 [slots, hidden, hidden] (symmetric).");
 
-static PyObject *PairMoments_state(PairMoments *self, PyObject *Py_UNUSED(ignored))
+static PyObject *PairMoments_state(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    PairMoments *self = (PairMoments *)op;
     if (enter(self) < 0)
         return NULL;
     int64_t hidden = self->hidden;
@@ -269,8 +274,9 @@ PyDoc_STRVAR(load_state_doc,
 "and `moments` (float64 [slots, hidden, hidden]; its upper triangle is used), e.g.\n"
 "after an all-reduce across processes.");
 
-static PyObject *PairMoments_load_state(PairMoments *self, PyObject *args)
+static PyObject *PairMoments_load_state(PyObject *op, PyObject *args)
 {
+    PairMoments *self = (PairMoments *)op;
     PyObject *counts_obj, *sums_obj, *moments_obj;
     if (!PyArg_ParseTuple(args, "OOO:load_state", &counts_obj, &sums_obj, &moments_obj))
         return NULL;
@@ -331,8 +337,9 @@ PyDoc_STRVAR(merge_doc,
 "merge($self, other, /)\n--\n\n"
 "Add the counts, sums and moments of `other` (a PairMoments of the same shape).");
 
-static PyObject *PairMoments_merge(PairMoments *self, PyObject *other_obj)
+static PyObject *PairMoments_merge(PyObject *op, PyObject *other_obj)
 {
+    PairMoments *self = (PairMoments *)op;
     if (!Py_IS_TYPE(other_obj, Py_TYPE(self))) {
         PyErr_Format(PyExc_TypeError, "other must be a PairMoments, not %.200s",
                      Py_TYPE(other_obj)->tp_name);
@@ -366,8 +373,9 @@ static PyObject *PairMoments_merge(PairMoments *self, PyObject *other_obj)
     Py_RETURN_NONE;
 }
 
-static PyObject *PairMoments_reset(PairMoments *self, PyObject *Py_UNUSED(ignored))
+static PyObject *PairMoments_reset(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    PairMoments *self = (PairMoments *)op;
     if (enter(self) < 0)
         return NULL;
     memset(self->counts, 0, (size_t)self->num_slots * sizeof(int64_t));
@@ -379,28 +387,21 @@ static PyObject *PairMoments_reset(PairMoments *self, PyObject *Py_UNUSED(ignore
 
 /* ------------------------------------------------------------------- type */
 
-static PyObject *PairMoments_get_num_slots(PairMoments *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->num_slots);
-}
-
-static PyObject *PairMoments_get_hidden(PairMoments *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->hidden);
-}
-
-static PyGetSetDef PairMoments_getset[] = {
-    {"num_slots", (getter)PairMoments_get_num_slots, NULL, "Number of slots (hooked layers).", NULL},
-    {"hidden", (getter)PairMoments_get_hidden, NULL, "Width of each row.", NULL},
+static PyMemberDef PairMoments_members[] = {
+    {"num_slots", Py_T_PYSSIZET, offsetof(PairMoments, num_slots), Py_READONLY,
+     "Number of slots (hooked layers)."},
+    {"hidden", Py_T_PYSSIZET, offsetof(PairMoments, hidden), Py_READONLY, "Width of each row."},
     {NULL},
 };
 
+/* add takes keywords: PyCFunctionWithKeywords goes through the documented
+ * (PyCFunction)(void (*)(void)) cast, and CPython calls it back with its real type. */
 static PyMethodDef PairMoments_methods[] = {
     {"add", (PyCFunction)(void (*)(void))PairMoments_add, METH_VARARGS | METH_KEYWORDS, add_doc},
-    {"state", (PyCFunction)PairMoments_state, METH_NOARGS, state_doc},
-    {"load_state", (PyCFunction)PairMoments_load_state, METH_VARARGS, load_state_doc},
-    {"merge", (PyCFunction)PairMoments_merge, METH_O, merge_doc},
-    {"reset", (PyCFunction)PairMoments_reset, METH_NOARGS,
+    {"state", PairMoments_state, METH_NOARGS, state_doc},
+    {"load_state", PairMoments_load_state, METH_VARARGS, load_state_doc},
+    {"merge", PairMoments_merge, METH_O, merge_doc},
+    {"reset", PairMoments_reset, METH_NOARGS,
      "reset($self, /)\n--\n\nSet every count, sum and moment to zero."},
     {NULL},
 };
@@ -414,7 +415,7 @@ static PyType_Slot PairMoments_slots[] = {
     {Py_tp_new, PairMoments_new},
     {Py_tp_dealloc, PairMoments_dealloc},
     {Py_tp_methods, PairMoments_methods},
-    {Py_tp_getset, PairMoments_getset},
+    {Py_tp_members, PairMoments_members},
     {Py_tp_doc, (void *)PairMoments_doc},
     {0, NULL},
 };
