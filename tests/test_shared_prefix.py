@@ -266,10 +266,11 @@ def preamble_pairs() -> list[dict]:
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("position", ["last", "mean"])
+@pytest.mark.parametrize("with_bos", [True, False])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_stem_matches_float64_truth(kind, position, padding_side, monkeypatch):
+def test_stem_matches_float64_truth(kind, position, with_bos, padding_side, monkeypatch):
     """The preamble runs once for the whole pass; every prefix batch continues from its cache."""
-    model, tokenizer = make_model(kind), make_tokenizer(padding_side=padding_side)
+    model, tokenizer = make_model(kind), make_tokenizer(with_bos=with_bos, padding_side=padding_side)
     pairs = preamble_pairs()
     stems = []
     original = shared_prefix._run_stem
@@ -287,6 +288,18 @@ def test_stem_matches_float64_truth(kind, position, padding_side, monkeypatch):
     stem = stems[0].length
     assert meta["shared_prefix_tokens_saved"] == sum(prefixes) + (n - 1) * stem
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_stem_with_answer_position_matches_truth(kind):
+    """A/B items behind one instruction: the stem, each item's question, then the letter alone."""
+    model, tokenizer = make_model(kind), make_tokenizer()
+    records = [dict(r, question=_PREAMBLE + r["question"]) for r in ab_records()]
+    dataset = load_caa_ab(records)
+    truth = answer_truth(model, tokenizer, dataset, LAYERS)
+    vectors = extract_caa_vectors(model, tokenizer, dataset, LAYERS, "answer", show_progress=False, batch_size=2)
+    _check(vectors, truth, expect_shared=True)
+    assert vectors.get(LAYERS[0]).metadata["shared_prefix_stem_tokens"] >= shared_prefix.MIN_SHARED_TOKENS
 
 
 def test_stem_absent_when_one_pair_lacks_it():
