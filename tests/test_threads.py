@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -130,9 +131,18 @@ def _interrupt_on_second_batch(block, how):
     return block.register_forward_pre_hook(pre_hook), calls
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler: a shell starts background jobs with SIGINT ignored, and then
+    ``_thread.interrupt_main`` does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("how", ["raise", "signal"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_keyboard_interrupt_mid_extraction_leaves_nothing(kind, how):
+def test_keyboard_interrupt_mid_extraction_leaves_nothing(kind, how, python_sigint_handler):
     model = make_model(kind)
     model.train()
     model.get_input_embeddings().eval()  # a mixed state must come back as it was
