@@ -79,8 +79,10 @@ def _check(vectors, truth, expect_shared: bool, positive_truth=None):
             assert torch.count_nonzero(truth[layer]) == 0
             want = float(positive_truth[layer].norm())
             assert abs(vector.metadata["pos_mean_norm"] - want) <= TOLERANCE * want
-            # float32 round-off only (the two sides may sit in batches of different shapes)
-            assert float(vector.vector.norm()) <= TOLERANCE * want
+            # shared: one row read for both sides, so exactly 0; plain: float32 round-off only (the
+            # two sides may sit in batches of different shapes)
+            assert (torch.count_nonzero(vector.vector) == 0 if expect_shared
+                    else float(vector.vector.norm()) <= TOLERANCE * want)
         else:
             error = relative_error(vector.vector, truth[layer])
             assert error <= TOLERANCE, f"layer {layer}: relative error {error:.2e}"
@@ -102,8 +104,7 @@ def test_matches_float64_truth(kind, position, with_bos, padding_side):
     for batch_size in (1, 3):
         vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, position, show_progress=False,
                                       batch_size=batch_size, share_prefix=True)
-        # first: every text is cut to its first token, so there is no prefix left to share
-        _check(vectors, truth, expect_shared=position != "first", positive_truth=positive)
+        _check(vectors, truth, expect_shared=True, positive_truth=positive)
     assert hook_count(model) == 0
     assert tokenizer.padding_side == padding_side
 
@@ -229,7 +230,7 @@ def test_rows_read_once():
         vectors = extract_caa_vectors(model, tokenizer, pairs, [1], position, show_progress=False, batch_size=2)
         meta = vectors.get(1).metadata
         assert meta["num_positive"] == meta["num_negative"] == len(pairs)
-        assert meta["shared_prefix_pairs"] == (0 if position == "first" else len(pairs))
+        assert meta["shared_prefix_pairs"] == len(pairs)
         assert np.isfinite(meta["vector_norm"])
     assert caa.shared_prefix is shared_prefix
 
@@ -370,3 +371,33 @@ def test_prefix_forwards_stop_after_the_last_cache_write(kind):
             handle.remove()
     # one stem forward, 5 prefix forwards, 5 suffix forwards (two suffixes each)
     assert runs == {1: 11, 2: 6}
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("with_bos", [True, False])
+def test_first_runs_each_distinct_first_token_once(kind, with_bos):
+    """Row 0 depends on token 0 alone: every distinct first token runs once, whatever pair it is in."""
+    model, tokenizer = make_model(kind), make_tokenizer(with_bos=with_bos)
+    pairs = chat_like_pairs() + [{"positive": "Yes, gladly.", "negative": "Never in a million years."},
+                                 {"positive": "Never again.", "negative": "Maybe so."}]
+    texts = [p[side] for side in ("positive", "negative") for p in pairs]
+    distinct = {tokenizer(t)["input_ids"][0] for t in texts}
+    rows_run = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: rows_run.append(out.shape[:2]))
+    try:
+        truth = caa_truth(model, tokenizer, pairs, LAYERS, "first")
+        rows_run.clear()
+        vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "first", show_progress=False, batch_size=2)
+    finally:
+        handle.remove()
+    for layer in LAYERS:
+        if with_bos:  # every text begins with BOS: one row for all of them, the vector exactly 0
+            assert torch.count_nonzero(truth[layer]) == 0 and torch.count_nonzero(vectors.get(layer).vector) == 0
+            continue
+        error = relative_error(vectors.get(layer).vector, truth[layer])
+        assert error <= TOLERANCE, f"layer {layer}: relative error {error:.2e}"
+    assert sum(r for r, _ in rows_run) == len(distinct) and {w for _, w in rows_run} == {1}
+    meta = vectors.get(LAYERS[0]).metadata
+    assert meta["shared_prefix_tokens_saved"] == len(texts) - len(distinct)
+    assert meta["num_positive"] == meta["num_negative"] == len(pairs)
+    assert meta["shared_prefix_pairs"] == (len(pairs) if with_bos else len(pairs) - 2)

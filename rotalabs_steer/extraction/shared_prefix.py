@@ -8,7 +8,9 @@ once:
 
 - ``last`` / ``answer``: the read token lies in the suffix (pairs where it does not go
   through the plain path), read from the suffix forward.
-- ``first``: nothing to share: ``caa.collect`` cuts every text to its first token.
+- ``first``: row 0 depends on token 0 alone (``caa.collect`` cuts every text to it), so each
+  distinct first token runs once and its row counts for every text that begins with it: one
+  row per pair, read once, counted for both sides; with a BOS token, one row for the dataset.
 - ``mean``: per text (prefix sum + suffix sum) / (prefix length + suffix length). Both sums
   come from the C accumulator's masked mean on a scratch accumulator with one group per row
   (float64), times the row's token count; the combined per-text means are then added to the
@@ -172,7 +174,8 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
     num_pairs = len(token_ids) // 2
     reason = "share_prefix=False" if share_prefix is False else fallback_reason(model, reduce_on, distributed)
     if reason is None and token_position == "first":
-        reason = "token_position='first' runs one token per text"
+        return None, _run_first_tokens(model, modules, token_ids, row_groups, rows, num_pairs, batch_size,
+                                       accumulator, on_rows, unflatten)
     if reason is None and pad_id is None:
         reason = "tokenizer has no pad or eos token"  # the plain path says what to do about it
     shared: list[_Shared] = []
@@ -200,6 +203,35 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
                                      on_batch=lambda batch: on_rows(batch.num_rows), unflatten=unflatten,
                                      reduce_on=reduce_on, total_rows=len(rest))
     return reducer, info
+
+
+def _run_first_tokens(model, modules, token_ids, row_groups, rows: Sequence[int], num_pairs: int, batch_size: int,
+                      accumulator: _core.Accumulator, on_rows, unflatten: bool) -> dict:
+    """``first``: each distinct first token once (one token at position 0), its row added to
+    the group of every text that begins with it. Returns the metadata."""
+    texts_of: dict[int, list[int]] = {}
+    for row in rows:
+        texts_of.setdefault(token_ids[row][0], []).append(row)
+    tokens = list(texts_of)
+    dispatch = _Dispatch(len(modules), deepest_module(model, modules), unflatten)
+    hooks = [(module, dispatch.hook(slot)) for slot, module in enumerate(modules)]
+    with exclusive_use(model), eval_mode(model), forward_hooks(hooks), torch.inference_mode():
+        for start in range(0, len(tokens), batch_size):
+            chunk = tokens[start:start + batch_size]
+            texts = [row for token in chunk for row in texts_of[token]]
+            owner = torch.as_tensor([j for j, token in enumerate(chunk) for _ in texts_of[token]], dtype=torch.long)
+            groups = torch.as_tensor([row_groups[row] for row in texts], dtype=torch.long)
+            ids = torch.as_tensor(chunk, dtype=torch.long)[:, None]
+            dispatch.run(model, len(chunk),
+                         lambda slot, hidden: accumulator.add(slot, hidden[:, 0].index_select(0, owner), groups),
+                         input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+                         use_cache=False)
+            on_rows(len(texts))
+    present = set(rows)
+    pairs = sum(1 for k in range(num_pairs) if k in present and k + num_pairs in present
+                and token_ids[k][0] == token_ids[k + num_pairs][0])
+    return {"shared_prefix": True, "shared_prefix_pairs": pairs, "shared_prefix_stem_tokens": 0,
+            "shared_prefix_tokens_saved": len(rows) - len(tokens), "shared_prefix_fallback": None}
 
 
 class _Dispatch:
