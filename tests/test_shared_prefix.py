@@ -401,3 +401,37 @@ def test_first_runs_each_distinct_first_token_once(kind, with_bos):
     assert meta["shared_prefix_tokens_saved"] == len(texts) - len(distinct)
     assert meta["num_positive"] == meta["num_negative"] == len(pairs)
     assert meta["shared_prefix_pairs"] == (len(pairs) if with_bos else len(pairs) - 2)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("arch_zoo").ARCHITECTURES))
+def test_architecture_zoo_first(name):
+    """``first`` runs one token per distinct first token with no position_ids: every family puts it at 0."""
+    from arch_zoo import ARCHITECTURES, BLOCK_PATHS
+
+    model, tokenizer = ARCHITECTURES[name](), make_tokenizer(with_bos=False)
+    pairs = [{"positive": "Yes, gladly.", "negative": "Never in a million years."},
+             {"positive": "Never again.", "negative": "Maybe so."},
+             {"positive": "User: hi", "negative": "User: bye"}]
+    truth = caa_truth(model, tokenizer, pairs, LAYERS, "first")
+    vectors = extract_caa_vectors(model, tokenizer, pairs, LAYERS, "first", show_progress=False,
+                                  batch_size=2, layer_modules=f"{BLOCK_PATHS[name]}.{{i}}")
+    meta = vectors.get(LAYERS[0]).metadata
+    assert meta["shared_prefix"] is True and meta["shared_prefix_tokens_saved"] == 2, meta  # Never, User
+    for layer in LAYERS:
+        error = relative_error(vectors.get(layer).vector, truth[layer])
+        assert error <= TOLERANCE, f"{name} layer {layer}: {error:.2e}"
+    assert hook_count(model) == 0
+
+
+def test_hooked_module_before_any_attention():
+    """A hooked module ahead of block 0's attention: no cache layer is written, so no stop there."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    layer0 = model.model.layers[0]
+    modules = [layer0.input_layernorm, layer0.post_attention_layernorm]
+    pairs = preamble_pairs()
+    on = extract_caa_vectors(model, tokenizer, pairs, [0], "last", show_progress=False, batch_size=2,
+                             layer_modules=modules)
+    off = extract_caa_vectors(model, tokenizer, pairs, [0], "last", show_progress=False, batch_size=2,
+                              layer_modules=modules, share_prefix=False)
+    assert on.get(0).metadata["shared_prefix"] is True
+    torch.testing.assert_close(on.get(0).vector, off.get(0).vector, rtol=1e-5, atol=1e-6)

@@ -2,15 +2,17 @@
 
 CAA's A/B items are identical up to the answer letter, chat pairs share the user turn. For
 such a pair the common prefix runs once with a KV cache (stopped after the deepest hooked
-block, like every extraction forward), then both suffixes run as one batch against that
-cache, with explicit ``position_ids`` and a mask over prefix + suffix. Each row is read
-once:
+block, like every extraction forward; for ``last`` / ``answer``, whose prefix rows nobody
+reads, right after that block's cache write: ``_Dispatch.fill_cache``), then both suffixes
+run as one batch against that cache, with explicit ``position_ids`` and a mask over
+prefix + suffix. Each row is read once:
 
 - ``last`` / ``answer``: the read token lies in the suffix (pairs where it does not go
   through the plain path), read from the suffix forward.
 - ``first``: row 0 depends on token 0 alone (``caa.collect`` cuts every text to it), so each
-  distinct first token runs once and its row counts for every text that begins with it: one
-  row per pair, read once, counted for both sides; with a BOS token, one row for the dataset.
+  distinct first token runs once and its row counts for every text that begins with it: a
+  pair whose texts begin alike has its row read once and counted for both sides; with a BOS
+  token, one row serves the dataset. This needs no cache and no minimum length.
 - ``mean``: per text (prefix sum + suffix sum) / (prefix length + suffix length). Both sums
   come from the C accumulator's masked mean on a scratch accumulator with one group per row
   (float64), times the row's token count; the combined per-text means are then added to the
@@ -21,9 +23,10 @@ Pairs also share their beginning with each other (a chat template's system promp
 preamble): the *stem*, the tokens every shared pair's prefix begins with, runs once for the
 whole pass (batch 1); each prefix batch continues from its cache, expanded to the batch.
 
-Pairs whose common prefix is shorter than ``MIN_SHARED_TOKENS``, or where a suffix is empty
-or the read token lies in the prefix, and models whose cache cannot be reused this way,
-go through ``forward.accumulate_batches`` unchanged. What was done is returned for the
+For ``last`` / ``answer`` / ``mean``, pairs whose common prefix is shorter than
+``MIN_SHARED_TOKENS``, or where a suffix is empty or the read token lies in the prefix, and
+models whose cache cannot be reused this way, go through ``forward.accumulate_batches``
+unchanged. What was done is returned for the
 vectors' metadata.
 """
 
@@ -138,7 +141,7 @@ def _new_cache(model: nn.Module):
     return cache, None
 
 
-def fallback_reason(model: nn.Module, reduce_on: str, distributed: bool) -> str | None:
+def fallback_reason(model: nn.Module, reduce_on: str, distributed: bool, needs_cache: bool = True) -> str | None:
     """Why this model / run cannot share prefixes (None: it can)."""
     if distributed:
         return "distributed run"
@@ -146,6 +149,8 @@ def fallback_reason(model: nn.Module, reduce_on: str, distributed: bool) -> str 
         return "reduce_on='device'"
     if any(p.device.type != "cpu" for p in model.parameters()):
         return "model not on the CPU"
+    if not needs_cache:
+        return None
     if _cache_keyword(model) is None:
         return "forward takes no cache / position_ids"
     return _new_cache(model)[1]
@@ -172,8 +177,10 @@ def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequen
     """Everything ``caa._extract`` runs for ``rows``: shared pairs here, the rest through
     ``accumulate_batches``. Returns (DeviceReducer or None, metadata dict)."""
     num_pairs = len(token_ids) // 2
-    reason = "share_prefix=False" if share_prefix is False else fallback_reason(model, reduce_on, distributed)
-    if reason is None and token_position == "first":
+    first = token_position == "first"  # one token per text: no cache involved
+    reason = ("share_prefix=False" if share_prefix is False
+              else fallback_reason(model, reduce_on, distributed, needs_cache=not first))
+    if reason is None and first:
         return None, _run_first_tokens(model, modules, token_ids, row_groups, rows, num_pairs, batch_size,
                                        accumulator, on_rows, unflatten)
     if reason is None and pad_id is None:
@@ -222,16 +229,24 @@ def _run_first_tokens(model, modules, token_ids, row_groups, rows: Sequence[int]
             owner = torch.as_tensor([j for j, token in enumerate(chunk) for _ in texts_of[token]], dtype=torch.long)
             groups = torch.as_tensor([row_groups[row] for row in texts], dtype=torch.long)
             ids = torch.as_tensor(chunk, dtype=torch.long)[:, None]
-            dispatch.run(model, len(chunk),
-                         lambda slot, hidden: accumulator.add(slot, hidden[:, 0].index_select(0, owner), groups),
-                         input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+
+            def read(slot, hidden):
+                first = hidden[:, 0]
+                for at in range(0, len(texts), batch_size):  # at most batch_size rows at a time, as elsewhere
+                    accumulator.add(slot, first.index_select(0, owner[at:at + batch_size]),
+                                    groups[at:at + batch_size])
+
+            # One token, empty cache: every model puts it at position 0 unasked.
+            dispatch.run(model, len(chunk), read, input_ids=ids, attention_mask=torch.ones_like(ids),
                          use_cache=False)
             on_rows(len(texts))
     present = set(rows)
     pairs = sum(1 for k in range(num_pairs) if k in present and k + num_pairs in present
                 and token_ids[k][0] == token_ids[k + num_pairs][0])
-    return {"shared_prefix": True, "shared_prefix_pairs": pairs, "shared_prefix_stem_tokens": 0,
-            "shared_prefix_tokens_saved": len(rows) - len(tokens), "shared_prefix_fallback": None}
+    saved = len(rows) - len(tokens)
+    return {"shared_prefix": saved > 0, "shared_prefix_pairs": pairs, "shared_prefix_stem_tokens": 0,
+            "shared_prefix_tokens_saved": saved,
+            "shared_prefix_fallback": None if saved else "no two texts begin with the same token"}
 
 
 class _Dispatch:
@@ -277,7 +292,12 @@ class _Dispatch:
         nothing = lambda slot, hidden: None  # noqa: E731
         if self.last_cache_layer is None:
             self.run(model, rows, nothing, **inputs)
-            self.last_cache_layer = max(i for i, layer in enumerate(kv_cache.layers) if layer.is_initialized)
+            # -1: the deepest hooked module runs before any attention (layer_modules=...): no stop
+            self.last_cache_layer = max((i for i, layer in enumerate(kv_cache.layers) if layer.is_initialized),
+                                        default=-1)
+            return
+        if self.last_cache_layer < 0:
+            self.run(model, rows, nothing, **inputs)
             return
         layer = kv_cache.layers[self.last_cache_layer]
         written = []
