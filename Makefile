@@ -31,12 +31,13 @@ demo: build
 
 # Extraction benchmark (bench/run_bench.py, then bench/bench_prefix.py below): ours, rotalabs-steer 1.2.0, steering-vectors 0.12.2 and
 # the bare forward, each in its own process; writes bench/results/cpu.json, bench/RESULTS.md and
-# bench/results.png. Slow (about half an hour on 2 cores): run it on a quiet machine.
-# BENCH_ARGS passes options, e.g. BENCH_ARGS="--quick" (smoke run) or "--only scaling".
+# bench/results.png. Slow (about an hour on 2 cores with the prefix workloads): run it on a quiet
+# machine. BENCH_ARGS passes options to run_bench.py, e.g. BENCH_ARGS="--quick" (smoke run) or
+# "--only scaling"; with BENCH_ARGS the prefix workloads are skipped (make bench-prefix runs them).
 BENCH_ARGS ?=
 bench: build bench-peers
 	$(PY) bench/run_bench.py $(BENCH_ARGS)
-	$(PY) bench/bench_prefix.py $(PREFIX_ARGS)
+	$(if $(BENCH_ARGS),@echo "BENCH_ARGS given: skipping the shared-prefix workloads (make bench-prefix)",$(PY) bench/bench_prefix.py $(PREFIX_ARGS))
 
 # Shared prefixes (bench/bench_prefix.py): ours, the bare stopped forward and rotalabs-steer 1.2.0 on
 # CAA A/B items (the A/B sample beside the repository when there is one, 200 generated items) and

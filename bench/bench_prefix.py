@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--write-results", action="store_true",
                         help="write bench/results/prefix.json and replace the section in bench/RESULTS.md")
     args = parser.parse_args()
+    if args.write_results and (args.only is not None or args.skip_reference):
+        parser.error("--write-results replaces the committed results: run every workload and system")
 
     from transformers import AutoTokenizer
 

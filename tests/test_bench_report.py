@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import report  # noqa: E402
 
@@ -20,6 +22,14 @@ def test_replace_section_replaces_in_place_or_appends(tmp_path):
     fresh = tmp_path / "new.md"
     report.replace_section(fresh, "## A", "## A\n\na\n")
     assert fresh.read_text() == "## A\n\na\n"
+    # a file that starts with a section, twice: still one of each
+    headed = tmp_path / "headed.md"
+    headed.write_text("## A\na\n\n## AB\nab\n")
+    for _ in range(2):
+        report.replace_section(headed, "## A", "## A\nnew\n")
+    assert headed.read_text() == "## A\nnew\n\n## AB\nab\n"
+    with pytest.raises(ValueError, match="heading"):
+        report.replace_section(headed, "## A", "## B\nwrong\n")
 
 
 def test_render_keeps_other_scripts_sections_and_skips_their_json(tmp_path):
