@@ -97,6 +97,17 @@ def pad_token_id(tokenizer) -> int | None:
     return None
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, longest] int64 ids padded on the right with ``pad_id``, and the mask of real tokens."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        ids[r, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
 def make_batches(
     token_ids: Sequence[Sequence[int]],
     groups: Sequence[int],
@@ -122,11 +133,7 @@ def make_batches(
                 "tokenizer has neither pad_token_id nor eos_token_id, needed to pad batches; "
                 "set tokenizer.pad_token (any token works: padding is masked) or use batch_size=1"
             )
-        ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : lengths[r]] = torch.as_tensor(token_ids[i], dtype=torch.long)
-            mask[r, : lengths[r]] = 1
+        ids, mask = pad_right([token_ids[i] for i in rows], pad_id if pad_id is not None else 0)
         length_tensor = torch.as_tensor(lengths, dtype=torch.long)
         if read_indices is not None:
             read = torch.as_tensor([read_indices[i] for i in rows], dtype=torch.long)

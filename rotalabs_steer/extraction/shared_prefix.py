@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import _core
 from ..model_control import block_output, deepest_module, eval_mode, exclusive_use, forward_hooks, unflatten_rows
-from .batching import make_batches
+from .batching import make_batches, pad_right
 from .forward import accumulate_batches
 
 # Measured on SmolLM2-135M (CPU, 1 thread, batch_size=16, 48 pairs with ~8-token suffixes,
@@ -164,9 +164,8 @@ def not_shared(reason: str) -> dict:
 
 def tokens_saved(token_ids: Sequence[Sequence[int]], shared: Sequence[_Shared], num_pairs: int, stem: int) -> int:
     """Tokens the plain path would run for the shared pairs that the shared path does not."""
-    plain = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) for s in shared)
-    run = sum(len(token_ids[s.pair]) + len(token_ids[s.pair + num_pairs]) - s.prefix - stem for s in shared)
-    return plain - run - stem
+    # each pair's prefix once instead of twice, the stem once instead of once per pair
+    return sum(s.prefix for s in shared) + (len(shared) - 1) * stem if shared else 0
 
 
 def accumulate(model: nn.Module, modules: Sequence[nn.Module], token_ids: Sequence[Sequence[int]],
@@ -290,14 +289,12 @@ class _Dispatch:
         so once a full forward has shown which layer that write goes to, later forwards stop
         right after it."""
         nothing = lambda slot, hidden: None  # noqa: E731
-        if self.last_cache_layer is None:
+        if self.last_cache_layer is None or self.last_cache_layer < 0:
             self.run(model, rows, nothing, **inputs)
-            # -1: the deepest hooked module runs before any attention (layer_modules=...): no stop
-            self.last_cache_layer = max((i for i, layer in enumerate(kv_cache.layers) if layer.is_initialized),
-                                        default=-1)
-            return
-        if self.last_cache_layer < 0:
-            self.run(model, rows, nothing, **inputs)
+            if self.last_cache_layer is None:
+                # -1: the deepest hooked module runs before any attention (layer_modules=...): no stop
+                self.last_cache_layer = max(
+                    (i for i, layer in enumerate(kv_cache.layers) if layer.is_initialized), default=-1)
             return
         layer = kv_cache.layers[self.last_cache_layer]
         written = []
@@ -320,20 +317,19 @@ class _Dispatch:
                                f"(written: {bool(written)}, lengths {sorted(lengths)}); pass share_prefix=False")
 
 
-def _padded(sequences: list[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for r, s in enumerate(sequences):
-        ids[r, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return ids, mask
+def _read_means(model, dispatch: _Dispatch, scratch: _core.Accumulator, mask: torch.Tensor, **inputs) -> np.ndarray:
+    """Run a forward and return [slots, rows, hidden] float64: each row's mean over the tokens
+    ``mask`` marks (the C accumulator's masked mean, one scratch group a row)."""
+    rows = mask.shape[0]
+    every_row = torch.arange(rows, dtype=torch.long)
+    scratch.reset()
+    dispatch.run(model, rows, lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=mask), **inputs)
+    return scratch.state()[0][:, :rows].copy()
 
 
-def _row_means(scratch: _core.Accumulator, count: int) -> np.ndarray:
-    """[slots, count, hidden] float64 per-row means from a scratch accumulator (group r = row r)."""
-    sums, _ = scratch.state()
-    return sums[:, :count]
+def _pooled_mean(mean_a: np.ndarray, count_a, mean_b: np.ndarray, count_b) -> np.ndarray:
+    """The mean over two sets of rows, from each set's mean and row count."""
+    return (mean_a * count_a + mean_b * count_b) / (count_a + count_b)
 
 
 @dataclass
@@ -359,14 +355,12 @@ def _run_stem(model, dispatch: "_Dispatch", cache_keyword: str, ids: Sequence[in
     mask = torch.ones_like(input_ids)
     inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=torch.arange(len(ids))[None],
                   use_cache=True, **{cache_keyword: cache})
-    if scratch is not None:
-        scratch.reset()
-        row = torch.zeros(1, dtype=torch.long)
-        dispatch.run(model, 1, lambda slot, hidden: scratch.add(slot, hidden, row, mask=mask), **inputs)
+    means = None
+    if scratch is not None:  # mean: the stem's rows are read
+        means = _read_means(model, dispatch, scratch, mask, **inputs)[:, 0]
     else:
         dispatch.fill_cache(model, 1, cache, **inputs)
     kv = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
-    means = _row_means(scratch, 1)[:, 0].copy() if scratch is not None else None
     return _Stem(len(ids), cache, kv, means)
 
 
@@ -374,13 +368,11 @@ def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: lis
                 token_position: str, batch_size: int, pad_id: int | None, accumulator: _core.Accumulator,
                 on_rows, unflatten: bool, stem_tokens: int) -> None:
     cache_keyword = _cache_keyword(model)
-    pad = pad_id
     slots = len(modules)
     dispatch = _Dispatch(slots, deepest_module(model, modules), unflatten)
     # Suffix rows per forward: batch_size, but a pair's two suffixes always together.
     suffix_rows = max(batch_size, 2)
-    scratch = (_core.Accumulator(slots, accumulator.hidden, max(batch_size, suffix_rows))
-               if token_position == "mean" else None)
+    scratch = _core.Accumulator(slots, accumulator.hidden, suffix_rows) if token_position == "mean" else None
     order = sorted(shared, key=lambda s: -s.prefix)  # longest first: memory peaks on the first batch
     hooks = [(module, dispatch.hook(slot)) for slot, module in enumerate(modules)]
     with exclusive_use(model), eval_mode(model), forward_hooks(hooks), torch.inference_mode():
@@ -389,7 +381,7 @@ def _run_shared(model, modules, token_ids, row_groups, read_indices, shared: lis
         for start in range(0, len(order), batch_size):
             group = order[start:start + batch_size]
             _run_prefix_batch(model, dispatch, cache_keyword, group, token_ids, row_groups, read_indices,
-                              num_pairs, token_position, pad, suffix_rows, accumulator, scratch, stem)
+                              num_pairs, token_position, pad_id, suffix_rows, accumulator, scratch, stem)
             on_rows(2 * len(group))
 
 
@@ -399,7 +391,7 @@ def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: lis
     # The prefix past the stem (at least one token each: stem_length leaves one).
     skip = stem.length if stem is not None else 0
     prefix_lengths = torch.as_tensor([s.prefix for s in group], dtype=torch.long)
-    prefix_ids, own_mask = _padded([token_ids[s.pair][skip:s.prefix] for s in group], pad)
+    prefix_ids, own_mask = pad_right([token_ids[s.pair][skip:s.prefix] for s in group], pad)
     count, width = prefix_ids.shape
     positions = skip + torch.arange(width).expand(count, width)
     prefix_mask = torch.cat([torch.ones((count, skip), dtype=torch.long), own_mask], dim=1)
@@ -407,18 +399,14 @@ def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: lis
     cache = stem.cache_for(count) if stem is not None else _new_cache(model)[0]
     inputs = dict(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
                   **{cache_keyword: cache})
+    prefix_means = None
     if scratch is not None:  # mean: the prefix rows are read
-        scratch.reset()
-        every_row = torch.arange(count, dtype=torch.long)
-        dispatch.run(model, count, lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=own_mask), **inputs)
+        prefix_means = _read_means(model, dispatch, scratch, own_mask, **inputs)
+        if stem is not None:  # the stem's rows belong to every prefix
+            own = own_mask.sum(1).numpy().astype(np.float64)[:, None]
+            prefix_means = _pooled_mean(stem.means[:, None], stem.length, prefix_means, own)
     else:
         dispatch.fill_cache(model, count, cache, **inputs)
-    prefix_means = None
-    if scratch is not None:
-        prefix_means = _row_means(scratch, count).copy()
-        if stem is not None:  # the stem's rows belong to every prefix: weight the means by token counts
-            own = own_mask.sum(1).numpy().astype(np.float64)[:, None]
-            prefix_means = (stem.means[:, None] * stem.length + prefix_means * own) / (stem.length + own)
     # Only the layers up to the deepest hooked block ran; those are all the suffixes need.
     saved = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
 
@@ -430,7 +418,7 @@ def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: lis
         chunk = suffixes[start:start + suffix_rows]
         owners = torch.as_tensor([j for j, _ in chunk], dtype=torch.long)
         rows = [row_of(j, side) for j, side in chunk]
-        ids, mask = _padded([token_ids[r][group[j].prefix:] for r, (j, _) in zip(rows, chunk)], pad)
+        ids, mask = pad_right([token_ids[r][group[j].prefix:] for r, (j, _) in zip(rows, chunk)], pad)
         n, length = ids.shape
         offsets = prefix_lengths[owners]
         for layer, kv in zip(cache.layers, saved):
@@ -447,14 +435,8 @@ def _run_prefix_batch(model, dispatch: _Dispatch, cache_keyword: str, group: lis
                 index = torch.as_tensor([read_indices[r] for r in rows], dtype=torch.long) - offsets
             dispatch.run(model, n, lambda slot, hidden: accumulator.add(slot, hidden, groups, index=index), **inputs)
             continue
-        scratch.reset()
-        every_row = torch.arange(n, dtype=torch.long)
-        dispatch.run(model, n, lambda slot, hidden: scratch.add(slot, hidden, every_row, mask=mask), **inputs)
-        suffix_means = _row_means(scratch, n)
-        prefix_count = offsets.numpy().astype(np.float64)[:, None]
-        suffix_count = mask.sum(1).numpy().astype(np.float64)[:, None]
-        owner_index = owners.numpy()
-        for slot in range(suffix_means.shape[0]):
-            combined = ((prefix_means[slot, owner_index] * prefix_count + suffix_means[slot] * suffix_count)
-                        / (prefix_count + suffix_count))
-            accumulator.add(slot, np.ascontiguousarray(combined), groups)
+        suffix_means = _read_means(model, dispatch, scratch, mask, **inputs)
+        combined = _pooled_mean(prefix_means[:, owners.numpy()], offsets.numpy().astype(np.float64)[:, None],
+                                suffix_means, mask.sum(1).numpy().astype(np.float64)[:, None])
+        for slot in range(combined.shape[0]):
+            accumulator.add(slot, combined[slot], groups)
