@@ -41,7 +41,8 @@ def _check_strengths(value: Any, name: str = "strength") -> float | torch.Tensor
     """A finite number, or a 1-D sequence / tensor of them: one strength per batch row."""
     if isinstance(value, torch.Tensor) or (isinstance(value, Sequence) and not isinstance(value, (str, bytes))):
         try:
-            rows = torch.as_tensor(value, dtype=torch.float64, device="cpu").detach()
+            # a copy: the caller's tensor changing later must not change (or unvalidate) the strengths
+            rows = torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be a finite number or a 1-D sequence of them, got {value!r}") from None
         if rows.ndim == 0:

@@ -87,6 +87,14 @@ def test_per_row_strength_count_must_match_the_batch(llama):
     assert hook_count(model) == hooks_before  # transformers keeps its own output-capturing hooks
 
 
+def test_per_row_strengths_are_copied(llama):
+    """The caller's tensor changing afterwards (to NaN, even) changes nothing in the injector."""
+    strengths = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    injector = ActivationInjector(llama[0], [vector()], strength=strengths)
+    strengths[0] = float("nan")
+    assert torch.equal(injector.strength, torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("bad, error, match", [
     ([], ValueError, "non-empty 1-D"),
     ([[1.0, 2.0]], ValueError, "non-empty 1-D"),
