@@ -237,13 +237,17 @@ def _run_info(args) -> None:
 def _run_sweep(args) -> None:
     from .datasets import EvaluationDataset, load_caa_ab, load_evaluation_prompts
     from .evaluation import SCORED_BEHAVIORS, score_strengths
+    from .steering import _activation_norm
     from .vectors import SteeringVectorSet
 
     vectors = SteeringVectorSet.load(args.directory)
     vector = _pick_vector(vectors, args.layer)
-    if args.relative and not isinstance(vector.metadata.get("activation_norm"), (int, float)):
-        raise _UsageError(f"--relative: the layer-{vector.layer_index} vector in {args.directory} records no "
-                          "activation_norm (extract it again with this version)")
+    if args.relative:  # the injector's own check, before the model loads
+        try:
+            _activation_norm(vector, "--relative")
+        except ValueError:
+            raise _UsageError(f"--relative: the layer-{vector.layer_index} vector in {args.directory} records "
+                              "no activation_norm (extract it again with this version)") from None
     behavior = args.behavior or vectors.behavior
     # Inputs are checked before the model loads, which takes longest.
     for option, path in (("--prompts", args.prompts), ("--ab", args.ab)):

@@ -117,19 +117,29 @@ def get_model_config(model_name: str) -> ModelConfig:
     """Config of a known model: exact name first, then a case-insensitive partial match."""
     if not isinstance(model_name, str) or not model_name:
         raise TypeError(f"model_name must be a non-empty str, got {model_name!r}")
+    found = _find_config(model_name)
+    if found is None:
+        raise ValueError(f"no config for model {model_name!r}; known: {sorted(MODEL_CONFIGS)}")
+    key, config, exact = found
+    if not exact:
+        warnings.warn(f"no config for {model_name!r}: using {key!r}, which matches by name only; "
+                      "for a loaded model, infer_model_config(model) checks its layer count and "
+                      "hidden size", stacklevel=2)
+    return config
+
+
+def _find_config(model_name: str) -> tuple[str, ModelConfig, bool] | None:
+    """(key, config, exact): exact name, then case-insensitive, then a partial match."""
     if model_name in MODEL_CONFIGS:
-        return MODEL_CONFIGS[model_name]
+        return model_name, MODEL_CONFIGS[model_name], True
     wanted = model_name.lower()
     for key, config in MODEL_CONFIGS.items():
         if key.lower() == wanted:
-            return config
+            return key, config, True
     for key, config in MODEL_CONFIGS.items():
         if key.lower() in wanted or wanted in key.lower():
-            warnings.warn(f"no config for {model_name!r}: using {key!r}, which matches by name only; "
-                          "for a loaded model, infer_model_config(model) checks its layer count and "
-                          "hidden size", stacklevel=2)
-            return config
-    raise ValueError(f"no config for model {model_name!r}; known: {sorted(MODEL_CONFIGS)}")
+            return key, config, False
+    return None
 
 
 def infer_model_config(model) -> ModelConfig:
@@ -144,25 +154,21 @@ def infer_model_config(model) -> ModelConfig:
 
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     blocks = find_decoder_blocks(model)
-    if name:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a name-only match is checked against the model below
-            try:
-                known = get_model_config(name)
-            except ValueError:
-                known = None
-        if known is not None:
-            if (known.num_layers, known.hidden_size) == (len(blocks.modules), hidden_size_of(model)):
-                return known
-            warnings.warn(
-                f"model {name!r} has {len(blocks.modules)} blocks of width {hidden_size_of(model)}, but the "
-                f"config {known.name!r} its name matches has {known.num_layers} of width {known.hidden_size}: "
-                "ignoring that config's recommended layers", stacklevel=2)
+    hidden = hidden_size_of(model)
+    found = _find_config(name) if name else None  # a name-only match is checked against the model here
+    if found is not None:
+        known = found[1]
+        if (known.num_layers, known.hidden_size) == (len(blocks.modules), hidden):
+            return known
+        warnings.warn(
+            f"model {name!r} has {len(blocks.modules)} blocks of width {hidden}, but the "
+            f"config {known.name!r} its name matches has {known.num_layers} of width {known.hidden_size}: "
+            "ignoring that config's recommended layers", stacklevel=2)
     template = f"{blocks.path}.{{i}}" if blocks.path else "{i}"
     return ModelConfig(
         name=name or "unknown",
         num_layers=len(blocks.modules),
-        hidden_size=hidden_size_of(model),
+        hidden_size=hidden,
         layer_template=template,
         residual_template=template,
         mlp_template=_component_template(blocks.modules, template, "mlp"),

@@ -295,7 +295,7 @@ def test_lanczos_top_eigenvector_matches_eigh():
     values, vectors = np.linalg.eigh(matrix)
     assert value == pytest.approx(values[-1], rel=1e-9) and second == pytest.approx(values[-2], rel=1e-6)
     assert abs(abs(vector @ vectors[:, -1]) - 1) < 1e-9
-    assert top_eigenpairs(matrix)[0] == pytest.approx(values[-1], rel=1e-9)  # H > 512 takes Lanczos
+    assert top_eigenpairs(matrix)[0] == pytest.approx(values[-1], rel=1e-9)  # large H takes Lanczos
 
 
 # ------------------------------------------------------------------ distributed, CLI

@@ -97,7 +97,7 @@ def test_documented_strength_sweep_example(tiny):
     for r in results:
         assert set(r) == {"strength", "behavior_rate", "avg_latency_ms", "num_samples"}
         assert r["num_samples"] == 2 and r["avg_latency_ms"] > 0 and r["behavior_rate"] in (0.0, 0.5, 1.0)
-        assert f"{r['behavior_rate']:.2%}"  # the documented print
+        assert isinstance(r["behavior_rate"], float)  # the documented print formats it with :.2%
     assert hook_count(model) == 0
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..model_control import input_device
+from ..progress import progress_bar
 
 
-def stop_token_ids(model) -> list[int]:
-    """The ids ``model.generate`` stops at: its generation config's ``eos_token_id``."""
+def stop_token_ids(model, tokenizer=None) -> list[int]:
+    """The ids ``model.generate`` stops at: its generation config's ``eos_token_id``, else (with
+    ``tokenizer``) the tokenizer's."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        return []
-    return [ids] if isinstance(ids, int) else list(ids)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids or [])
 
 
 def generate_left_padded(model, contexts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
@@ -36,7 +37,7 @@ def generate_left_padded(model, contexts: Sequence[Sequence[int]], batch_size: i
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     out: list[list[int]] = [[] for _ in contexts]
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
+    for start in progress_bar(starts, show=show_progress, desc=desc, unit="batch"):
         rows = order[start:start + batch_size]
         width = max(len(contexts[i]) for i in rows)
         ids = torch.tensor([[pad_id] * (width - len(contexts[i])) + list(contexts[i]) for i in rows])

@@ -8,13 +8,14 @@ generated ``batch_size`` at a time, left-padded, with steering on real tokens on
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..extraction.batching import pad_token_id
-from ..model_control import eval_mode, input_device
+from ..model_control import eval_mode
 from ..steering import ActivationInjector
 from ..validation import check_strength, int_at_least
 from .generation import generate_left_padded, stop_token_ids
@@ -183,15 +184,11 @@ def steered_responses(model, tokenizer, vector, strength: float, prompts: list[s
     """(responses, wall milliseconds) of ``prompts`` with ``vector`` at ``strength`` (none at 0),
     or under ``injector`` when one is given."""
     if injector is None and strength != 0.0:
-        injector = ActivationInjector(model, [vector.to(input_device(model))], strength=strength)
+        injector = ActivationInjector(model, [vector], strength=strength)  # it places the vector per block
     start = time.perf_counter()
-    if injector is None:
+    with injector or nullcontext():
         responses = generate_responses(model, tokenizer, prompts, system_prompt=system_prompt,
                                        batch_size=batch_size, show_progress=show_progress, desc=desc)
-    else:
-        with injector:
-            responses = generate_responses(model, tokenizer, prompts, system_prompt=system_prompt,
-                                           batch_size=batch_size, show_progress=show_progress, desc=desc)
     return responses, (time.perf_counter() - start) * 1000.0
 
 

@@ -28,15 +28,15 @@ from contextlib import nullcontext
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..datasets.base import ContrastPair, ContrastPairDataset, EvaluationDataset, EvaluationExample
 from ..datasets.builtin import render_exchange
 from ..extraction.batching import make_batches, pad_token_id
 from ..model_control import eval_mode, input_device
+from ..progress import progress_bar
 from ..steering import ActivationInjector
 from ..validation import check_strength, int_at_least
-from .generation import generate_left_padded
+from .generation import generate_left_padded, stop_token_ids
 
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I'm sorry, but")
 COMPLIANCE_OPENINGS = ("Sure, here", "Here is")
@@ -97,7 +97,7 @@ def evaluate(model, tokenizer, prompts, behavior: str = "refusal", max_new_token
                           "refusal_log_odds": _mean([r - c for r, c in zip(refusing, complying)])}
             else:
                 scores = {"matching_probability": _matching_probability(model, tokenizer, ab_pairs, batch_size)}
-            continuations = _greedy(model, contexts, max_new_tokens, pad_id, _eos_ids(model, tokenizer),
+            continuations = _greedy(model, contexts, max_new_tokens, pad_id, stop_token_ids(model, tokenizer),
                                     batch_size)
         generations = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in continuations]
         if ab_pairs is None:
@@ -137,7 +137,7 @@ def score_strengths(model, tokenizer, vector, strengths: Iterable[float], prompt
             raise ImportError("as_dataframe=True needs pandas: pip install pandas") from None
     injector = ActivationInjector(model, vector, 0.0, **steering_options)
     rows = []
-    for strength in tqdm(strengths, desc="strengths", unit="strength", disable=not show_progress):
+    for strength in progress_bar(strengths, show=show_progress, desc="strengths", unit="strength"):
         injector.strength = strength
         rows.append({"strength": strength, **evaluate(model, tokenizer, prompts, behavior, max_new_tokens,
                                                       steering=injector, batch_size=batch_size)})
@@ -197,13 +197,6 @@ def _pad_id(tokenizer) -> int:
         raise ValueError("tokenizer has neither pad_token_id nor eos_token_id, needed to batch prompts; "
                          "set tokenizer.pad_token (any token works: padding is masked)")
     return pad_id
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    return [ids] if isinstance(ids, int) else list(ids or [])
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -251,15 +251,12 @@ def collect(model, tokenizer, contrast_pairs, layer_indices: int | Sequence[int]
     else:
         mine = share_of_rows([len(row) for row in token_ids], ranks)
     mine_ids = [token_ids[i] for i in mine]
-    order = moment_hooks = None
     if second_moments:
         half = len(mine) // 2
         partner = [k + half if k < half else k - half for k in range(len(mine))]
         order = pair_order(mine_ids, partner)
         moments = _core.PairMoments(len(layers), hidden)
         moment_hooks = PairMomentHooks(moments, partner, [k < half for k in range(len(mine))])
-    batches = None
-    if second_moments:
         batches = make_batches(mine_ids, [row_groups[i] for i in mine], token_position,
                                batch_size, pad_token_id(tokenizer),
                                None if read_indices is None else [read_indices[i] for i in mine], order)

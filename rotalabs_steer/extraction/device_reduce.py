@@ -86,7 +86,7 @@ class DeviceReducer:
         self._states: dict[torch.device, _DeviceState] = {}
         self._slots_seen: set[int] = set()
         self.rows = BatchRows()
-        self.transfers_to_host = 0  # device-to-host copies made: one set at the end, never per batch
+        self._host_samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def begin(self, batch: TokenBatch) -> None:
         extra = {"groups": torch.where(batch.groups < 0, self.num_groups, batch.groups)}
@@ -116,9 +116,7 @@ class DeviceReducer:
         if not self._states:
             return
         sums, counts = accumulator.state()
-        self._host_samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for state in self._states.values():
-            self.transfers_to_host += 1
             sums += state.sums[:, : self.num_groups].cpu().numpy()
             counts += state.counts[:, : self.num_groups].cpu().numpy()
             if self.sample_rows:
@@ -135,7 +133,7 @@ class DeviceReducer:
         if slot not in self._slots_seen:
             return None
         empty = (np.zeros((0, self.hidden)), np.zeros(0, dtype=np.int64))
-        return getattr(self, "_host_samples", {}).get(slot, empty)
+        return self._host_samples.get(slot, empty)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from ..validation import check_choice
 from ..vectors import SteeringVector, SteeringVectorSet
 from .batching import NEGATIVE, POSITIVE
-from .methods import DEFAULT_SHRINKAGE, DIRECTION_METHODS, direction
+from .methods import DIRECTION_METHODS, direction
 from .separation import held_out_projections, projection_figures
 
 METHODS = ("caa",) + DIRECTION_METHODS

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from ...extraction.batching import pad_token_id
 from ...model_control import input_device
 from ...steering import MultiVectorInjector
 from ...validation import check_choice, check_strength
@@ -101,8 +102,7 @@ class SteeredModelFields(BaseModel):
         options: dict[str, Any] = {
             "max_new_tokens": kwargs.get("max_new_tokens", self.max_new_tokens),
             "do_sample": do_sample,
-            "pad_token_id": self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
-            else self._tokenizer.eos_token_id,
+            "pad_token_id": pad_token_id(self._tokenizer),
         }
         if do_sample:
             options["temperature"] = kwargs.get("temperature", self.temperature)
